@@ -1,0 +1,342 @@
+"""Plumbing shared by the launchers: flags, generator, samples, features, outputs.
+
+Each launcher is a short `main` around one `run(config) -> dict` (the metrics it
+wrote to `OUT/metrics.json`). `config` is a namespace of flag values: `launch`
+builds it from the command line, `make_config(NAMES, **overrides)` from the
+flags' defaults, so tests call `run` directly.
+
+Sample i of a run has the latents of `fold_in(sample_key, i)` with
+`sample_key, fit_key = split(PRNGKey(seed))` (`generator_ops.sample_latents`):
+the data never depend on the batch size nor on how many processes share the
+work. With `--coordinator_address --num_processes --process_id`,
+`jax.distributed.initialize` runs before any other JAX call, each process
+extracts its own contiguous slice of the samples, and only process 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import types
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from panda_jax import generator_ops
+from panda_jax import generators
+from panda_jax import metrics as metrics_lib
+from panda_jax import parts_eval
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("generator", "toyfaces", "A converted checkpoint directory (written by "
+                    "`python -m converters`) or the name of an embedded generator.")
+flags.DEFINE_integer("layer", None, "Layer of the feature maps (default: the deepest layer "
+                     "whose feature maps are at most 16x16).")
+flags.DEFINE_string("out", None, "Output directory: PNGs, metrics.json, checkpoints.")
+flags.DEFINE_integer("seed", 0, "Seed of the samples and of the decomposition.")
+flags.DEFINE_integer("num_samples", 256, "Samples the factors are learnt (or ranked) on.")
+flags.DEFINE_integer("batch_size", 64, "Samples per generator call.")
+flags.DEFINE_float("truncation_psi", 1.0, "Truncation of the latents.")
+flags.DEFINE_integer("rank_c", 16, "Number of appearances R_C.")
+flags.DEFINE_integer("rank_s", 8, "Number of parts R_S.")
+flags.DEFINE_integer("steps", 200, "Steps of Algorithm 1 in total (a rerun with more steps "
+                     "continues from OUT/checkpoints).")
+flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints.")
+flags.DEFINE_string("factors", None, "A `decompose` output directory; without it, the "
+                    "launcher decomposes into OUT/decompose (resumed when already there).")
+flags.DEFINE_integer("num_show", 6, "Samples 0..num_show-1 are the ones shown and edited.")
+flags.DEFINE_string("part", "0", "A part index, or indices joined by '+' (their union).")
+flags.DEFINE_integer("appearance", 0, "An appearance (concept) index j.")
+flags.DEFINE_float("alpha", 3.0, "Edit strength (see --relative_alpha).")
+flags.DEFINE_bool("relative_alpha", True, "Alpha in units of the mean norm of a feature "
+                  "fibre (so one value suits any generator and layer); else absolute.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", None, "Index of this process (multi-process).")
+
+DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
+SAMPLING = ("generator", "layer", "out", "seed", "num_samples", "batch_size",
+            "truncation_psi") + DISTRIBUTED
+DECOMPOSITION = ("rank_c", "rank_s", "steps", "checkpoint_every")
+# The flags of every launcher that works from factors (decompose's, plus where
+# the factors come from and how many samples to show).
+WITH_FACTORS = SAMPLING + DECOMPOSITION + ("factors", "num_show")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def make_config(names: Sequence[str], **overrides) -> types.SimpleNamespace:
+  """The flags `names` at their defaults, with `overrides` (unknown names raise)."""
+  unknown = sorted(set(overrides) - set(names))
+  if unknown:
+    raise ValueError(f"unknown options {unknown}; this launcher takes {sorted(names)}")
+  values = {name: FLAGS[name].default for name in names}
+  values.update(overrides)
+  return types.SimpleNamespace(**values)
+
+
+def subconfig(config, names: Sequence[str], **overrides) -> types.SimpleNamespace:
+  """The options `names` of `config` (those it has), with `overrides`."""
+  values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+  values.update(overrides)
+  return make_config(names, **values)
+
+
+def launch(run: Callable, names: Sequence[str]) -> Callable:
+  """`main(argv)` for `app.run`: multi-process setup first, then `run(config)`."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = types.SimpleNamespace(**{name: FLAGS[name].value for name in names})
+    initialize_distributed(config)
+    if not FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
+    run(config)
+
+  return main
+
+
+def initialize_distributed(config) -> None:
+  """`jax.distributed.initialize` from the three multi-process flags, when given."""
+  values = [getattr(config, name) for name in DISTRIBUTED]
+  if all(v is None for v in values):
+    return
+  if any(v is None for v in values):
+    raise ValueError("--coordinator_address, --num_processes and --process_id must be given "
+                     f"together, got {dict(zip(DISTRIBUTED, values))}")
+  address, count, index = values
+  if not (count >= 1 and 0 <= index < count):
+    raise ValueError(f"--process_id must be in [0, {count - 1}], got {index}")
+  jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                             process_id=index)
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def load_generator(name: str):
+  """A converted checkpoint directory, or an embedded generator by name."""
+  if not name:
+    raise ValueError("--generator is empty: give a converted checkpoint directory or a name")
+  if os.path.isdir(name):
+    return generators.load(name)
+  try:
+    return generators.load(name)
+  except (ValueError, OSError) as err:
+    raise ValueError(
+        f"unknown generator {name!r}: neither a converted checkpoint directory (convert one "
+        f"with `python -m converters --src=CHECKPOINT --dst=DIR`) nor an embedded generator "
+        f"({err})") from None
+
+
+def keys(seed: int):
+  """`(sample_key, fit_key)` of a run."""
+  sample_key, fit_key = jax.random.split(jax.random.PRNGKey(seed))
+  return sample_key, fit_key
+
+
+def latents(gen, config, indices):
+  """The latents of the samples `indices` of the run."""
+  return generator_ops.sample_latents(gen, keys(config.seed)[0], np.asarray(indices),
+                                      truncation_psi=config.truncation_psi)
+
+
+def _sample(gen, key, indices, *, layer: Optional[int], psi: float):
+  """The features at `layer` (the images when None) of the samples `indices`.
+
+  Not jitted here: the generators jit their own maths per configuration, so
+  every instance of one architecture shares the compiled code.
+  """
+  lat = generator_ops.sample_latents(gen, key, indices, truncation_psi=psi)
+  return gen.generate(lat) if layer is None else gen.split(lat, layer)[0]
+
+
+def feature_shape(gen, layer: int) -> tuple:
+  """`(h, w, c)` of the feature maps at `layer` (traced, nothing computed)."""
+  shape = jax.eval_shape(lambda k: _sample(gen, k, jnp.arange(1), layer=layer, psi=1.0),
+                         jax.random.PRNGKey(0)).shape
+  return tuple(int(d) for d in shape[1:])
+
+
+def resolve_layer(gen, layer: Optional[int]) -> int:
+  """`layer`, checked, or the deepest layer whose feature maps are at most 16x16."""
+  if layer is not None:
+    return gen.check_layer(layer)
+  small = [l for l in gen.layers if max(feature_shape(gen, l)[:2]) <= 16]
+  if not small:
+    raise ValueError(f"no layer of {gen.arch} has feature maps of 16x16 or less: pass --layer")
+  return small[-1]
+
+
+def local_indices(num_samples: int) -> np.ndarray:
+  """This process's contiguous slice of the samples `0 .. num_samples-1`."""
+  count, index = jax.process_count(), jax.process_index()
+  if num_samples < 1 or num_samples % count:
+    raise ValueError(f"--num_samples must be a positive multiple of the number of processes "
+                     f"({count}), got {num_samples}")
+  per = num_samples // count
+  return np.arange(index * per, (index + 1) * per)
+
+
+def batches(gen, config, indices, layer: Optional[int], desc: str):
+  """Yields the features `[b, h, w, c]` at `layer` (images `[b, H, W, ch]` when None).
+
+  Every call has `batch_size` samples (the last one padded), so the generator
+  compiles once.
+  """
+  if config.batch_size < 1:
+    raise ValueError(f"--batch_size must be positive, got {config.batch_size}")
+  indices = np.asarray(indices)
+  size = min(config.batch_size, len(indices))
+  sample_key = keys(config.seed)[0]
+  bar = progress(len(indices), desc)
+  try:
+    for start in range(0, len(indices), size):
+      chunk = indices[start:start + size]
+      padded = np.concatenate([chunk, np.full(size - len(chunk), chunk[-1])])
+      x = _sample(gen, sample_key, jnp.asarray(padded), layer=layer,
+                  psi=float(config.truncation_psi))
+      bar.update(len(chunk))
+      yield x[:len(chunk)]
+  finally:
+    bar.close()
+
+
+def extract_features(gen, config, layer: int, indices) -> jax.Array:
+  """The features `[len(indices), h, w, c]` of the samples `indices`."""
+  return jnp.concatenate(list(batches(gen, config, indices, layer, "features")))
+
+
+class Samples(NamedTuple):
+  """Generated images split into what is shown and the ground truth they carry."""
+  rgb: np.ndarray                 # [n, H, W, 3] (or 1 channel), raw range
+  labels: Optional[np.ndarray]    # [n, H, W] int32 ground-truth labels, or None
+  label_names: tuple              # one name per label (empty without labels)
+
+
+def images(gen, config, indices) -> Samples:
+  """The images of the samples `indices`, label channels split off."""
+  return split_labels(np.concatenate(list(batches(gen, config, indices, None, "images"))))
+
+
+def split_labels(images) -> Samples:
+  """Splits generated `[n, H, W, ch]` images into RGB and ground-truth labels.
+
+  The embedded toy-faces generator emits RGB followed by one soft label channel
+  per part of `toyfaces.PARTS`; the label map is their argmax. Generators with
+  1 or 3 channels have no labels.
+  """
+  images = np.asarray(images, np.float32)
+  if images.shape[-1] in (1, 3):
+    return Samples(images, None, ())
+  from panda_jax.data import toyfaces  # pylint: disable=import-outside-toplevel
+  rgb, probs = toyfaces.split_channels(images)
+  return Samples(np.asarray(rgb), np.argmax(probs, axis=-1).astype(np.int32), toyfaces.PARTS)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def is_writer() -> bool:
+  """Only process 0 writes files."""
+  return jax.process_index() == 0
+
+
+def output_dir(out: Optional[str]) -> str:
+  """`out` as an absolute path, created (by process 0)."""
+  if not out:
+    raise ValueError("--out is required (the output directory)")
+  out = os.path.abspath(out)
+  if is_writer():
+    os.makedirs(out, exist_ok=True)
+  return out
+
+
+def progress(total: int, desc: str):
+  """A tqdm bar on process 0 (silent elsewhere)."""
+  return tqdm(total=total, desc=desc, disable=not is_writer(), leave=False)
+
+
+def progress_iter(items, desc: str):
+  """`items` with a tqdm bar on process 0."""
+  return tqdm(items, desc=desc, disable=not is_writer(), leave=False)
+
+
+def jsonable(value):
+  """Arrays -> lists, numpy scalars -> Python, non-finite floats -> None."""
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+    return jsonable(np.asarray(value).tolist())
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def write_metrics(out: str, metrics: dict) -> dict:
+  """Writes `OUT/metrics.json` (process 0, atomically); returns the JSON-able metrics."""
+  metrics = jsonable(metrics)
+  if is_writer():
+    path = os.path.join(out, "metrics.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(metrics, f, indent=1, sort_keys=True, allow_nan=False)
+    os.replace(path + ".tmp", path)
+  return metrics
+
+
+def parse_part(text: str):
+  """`"3"` -> 3, `"1+2"` -> [1, 2] (a union of parts); anything else raises."""
+  try:
+    values = [int(t) for t in text.split("+")]
+  except ValueError:
+    raise ValueError(f"a part must be an integer or integers joined by '+', got {text!r}") \
+        from None
+  return values[0] if len(values) == 1 else values
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+def absolute_alpha(config, features, alpha: float) -> float:
+  """`alpha` times the mean channel-fibre norm of `features` under --relative_alpha."""
+  if not config.relative_alpha:
+    return float(alpha)
+  return float(alpha) * float(jnp.mean(jnp.linalg.norm(features, axis=-1)))
+
+
+def part_regions(samples: Samples, parts, grid, part):
+  """The ground-truth regions best matching `part` (index or list), by IoU.
+
+  Returns:
+    `(masks [n, H, W] float32, label names)`.
+  """
+  _, _, iou = parts_eval.best_part_iou(parts, samples.labels, len(samples.label_names), grid)
+  wanted = [part] if isinstance(part, (int, np.integer)) else list(part)
+  labels = sorted({int(np.argmax(np.asarray(iou)[:, k])) for k in wanted})
+  return (np.isin(samples.labels, labels).astype(np.float32),
+          [samples.label_names[l] for l in labels])
+
+
+def upsample_mask(mask, size):
+  """A `[h, w]` mask to `size=(H, W)` by block replication (`H, W` multiples of `h, w`)."""
+  mask = np.asarray(mask, np.float32)
+  if size[0] % mask.shape[0] or size[1] % mask.shape[1]:
+    raise ValueError(f"a mask of size {mask.shape} does not tile images of size {tuple(size)}")
+  return np.repeat(np.repeat(mask, size[0] // mask.shape[0], 0), size[1] // mask.shape[1], 1)
+
+
+def roir(originals, edited, masks) -> dict:
+  """ROIR (Eq. 13) of an edit of RGB images inside `masks` `[n, H, W]`."""
+  mean, std = metrics_lib.roir(jnp.asarray(originals), jnp.asarray(edited), jnp.asarray(masks))
+  return {"roir_mean": float(mean), "roir_std": float(std)}

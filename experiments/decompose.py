@@ -1,0 +1,110 @@
+"""Learns the parts and appearances of a generator's feature maps (Algorithm 1).
+
+    python -m experiments.decompose --out=/tmp/panda     # the embedded toy faces
+    python -m experiments.decompose --generator=CONVERTED_DIR --layer=5 --out=...
+
+Writes `OUT/factors/` (`pj.save_factors`), `OUT/parts.png` (the argmax part over
+the first `--num_show` samples, and a heat map of every part) and
+`OUT/metrics.json` (final_loss, steps, seconds, layer, feature_shape, ...). The
+running fit is checkpointed in `OUT/checkpoints`: rerunning the same command, or
+with more `--steps`, continues from there. When the generator's images carry
+ground-truth labels (toy faces), metrics.json also holds every label's best
+matching part and its IoU (`panda_jax.parts_eval.best_part_iou`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+
+import panda_jax as pj
+from experiments import common
+from experiments import figures
+from panda_jax import parts_eval
+
+NAMES = common.SAMPLING + common.DECOMPOSITION + ("num_show", "num_eval")
+
+flags.DEFINE_integer("num_eval", 64, "Samples the parts are scored on against "
+                     "ground-truth labels (when the generator has them).")
+
+
+def label_iou(factors, grid, samples: common.Samples) -> dict:
+  """Each ground-truth label's best part and IoU over `samples` (needs labels)."""
+  best, match, _ = parts_eval.best_part_iou(factors.parts, samples.labels,
+                                            len(samples.label_names), grid)
+  return {"part_iou": dict(zip(samples.label_names, np.asarray(best).tolist())),
+          "part_match": dict(zip(samples.label_names, np.asarray(match).tolist()))}
+
+
+def decompose(config):
+  """Runs (or resumes) the decomposition: `(factors, layer, metrics)`."""
+  out = common.output_dir(config.out)
+  gen = common.load_generator(config.generator)
+  layer = common.resolve_layer(gen, config.layer)
+  h, w, c = common.feature_shape(gen, layer)
+  start = time.time()
+  features = common.extract_features(gen, config, layer,
+                                     common.local_indices(config.num_samples))
+  factors = pj.fit(features, config.rank_c, config.rank_s, steps=config.steps,
+                   key=common.keys(config.seed)[1],
+                   checkpoint_dir=os.path.join(out, "checkpoints"),
+                   checkpoint_every=config.checkpoint_every)
+  seconds = time.time() - start
+  metrics = dict(final_loss=float(factors.loss_history[-1]) if config.steps else None,
+                 steps=factors.steps, seconds=seconds, layer=layer, feature_shape=[h, w, c],
+                 generator=config.generator, arch=gen.arch, num_samples=config.num_samples,
+                 rank_c=config.rank_c, rank_s=config.rank_s, seed=config.seed,
+                 truncation_psi=config.truncation_psi,
+                 step_size_parts=factors.step_size_parts,
+                 step_size_appearances=factors.step_size_appearances,
+                 loss_history=factors.loss_history)
+  shown = common.images(gen, config, np.arange(min(config.num_show, config.num_samples)))
+  if shown.labels is not None:
+    evaluated = common.images(gen, config, np.arange(config.num_eval))
+    metrics.update(label_iou(factors, (h, w), evaluated), num_eval=config.num_eval)
+  if common.is_writer():
+    target = os.path.join(out, "factors")
+    shutil.rmtree(target, ignore_errors=True)
+    pj.save_factors(target, factors)
+    figures.parts_grid(shown.rgb, [("argmax part", factors.parts)], (h, w),
+                       os.path.join(out, "parts.png"), heatmaps=np.asarray(factors.parts))
+  return factors, layer, common.write_metrics(out, metrics)
+
+
+def run(config) -> dict:
+  """Decomposes; returns the metrics written to `OUT/metrics.json`."""
+  return decompose(config)[2]
+
+
+def factors_for(config, gen):
+  """`(factors, layer)`: from `--factors`, or a decomposition into OUT/decompose."""
+  if not config.factors:
+    sub = common.subconfig(config, NAMES, out=os.path.join(config.out, "decompose"))
+    factors, layer, _ = decompose(sub)
+    return factors, layer
+  record = os.path.join(config.factors, "metrics.json")
+  if not os.path.isfile(record):
+    raise ValueError(f"--factors={config.factors} is not a decompose output directory "
+                     "(no metrics.json)")
+  with open(record) as f:
+    layer = json.load(f)["layer"]
+  if config.layer is not None and config.layer != layer:
+    raise ValueError(f"--layer={config.layer} but the factors in {config.factors} were "
+                     f"learnt at layer {layer}")
+  factors = pj.load_factors(os.path.join(config.factors, "factors"))
+  h, w, c = common.feature_shape(gen, layer)
+  if factors.appearances.shape[0] != c or factors.parts.shape[0] != h * w:
+    raise ValueError(f"the factors in {config.factors} do not fit {config.generator} at "
+                     f"layer {layer} (features {h}x{w}x{c})")
+  return factors, layer
+
+
+main = common.launch(run, NAMES)
+
+if __name__ == "__main__":
+  app.run(main)

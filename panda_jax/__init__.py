@@ -1,0 +1,43 @@
+"""panda-jax: PandA (Oldfield et al., TPAMI 2024) in JAX.
+
+Notation (paper symbol <-> code name); features are channels-last, each sample's
+`Z_i` of shape [s, c] is the transpose of the paper's mode-3 unfolding Z_i(3) (C x S).
+
+    ==========  ===============  =========
+    paper       code             shape
+    ==========  ===============  =========
+    Z_i(3)^T    features[i]      [s, c]
+    A           appearances      [c, r_c]
+    P           parts            [s, r_s]
+    Lambda_i    coefficients     [r_c, r_s]   (A^T Z_i(3) P)
+    P~_i        refined parts    [s, r_s]
+    W_i         affinity         [s, s]       (never materialised)
+    lambda      step_size
+    ==========  ===============  =========
+
+with n samples, s = h * w positions, c channels, r_c appearance and r_s part ranks.
+
+Equation numbers refer to Oldfield et al., "Bilinear Models of Parts and
+Appearances in GANs", TPAMI 2024.
+"""
+
+# Factorisation (paper Sections 3-4).
+from panda_jax.checkpoint import load_factors, save_factors
+from panda_jax.decomposition import (Factors, FitConfig, FitState, fit, init_state, run_steps,
+                                     update)
+from panda_jax.hosvd import hosvd_init, scatter_finalize, scatter_init, scatter_update
+from panda_jax.objective import gradients, loss
+from panda_jax.pgd import LineSearch
+from panda_jax.refinement import mutual_knn_graph, refine
+
+# Toolkit (paper Sections 3.3.1, 5).
+from panda_jax import generator_ops
+from panda_jax.editing import (downsample_mask, edit, edit_many, part_weights,
+                               propose_background, remove_object, rewrite)
+from panda_jax.interpret import (ConceptMeanState, Ranking, RankState,
+                                 concept_mean_finalize, concept_mean_init,
+                                 concept_mean_update, concept_means,
+                                 feature_grid, localise, rank, rank_dataset,
+                                 rank_finalize, rank_init, rank_update,
+                                 saliency, upsample_saliency)
+from panda_jax.metrics import roir, roir_per_sample

@@ -1,0 +1,81 @@
+"""orbax checkpoints: learnt factors, and the full state of a running `fit`.
+
+Both write through orbax's atomic commit (temporary directory, then rename), so
+a process killed mid-save leaves the previous checkpoint intact and a half
+written one is never read back.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from panda_jax import decomposition
+
+_FACTOR_FIELDS = ("appearances", "parts", "loss_history")
+
+
+def save_factors(directory: str, factors: "decomposition.Factors") -> None:
+  """Writes `factors` to `directory` (created; must not exist yet)."""
+  directory = os.path.abspath(os.fspath(directory))
+  tree = {name: np.asarray(getattr(factors, name)) for name in _FACTOR_FIELDS}
+  tree["scalars"] = np.asarray([factors.step_size_parts, factors.step_size_appearances,
+                                factors.steps], np.float64)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, tree)
+    checkpointer.wait_until_finished()
+
+
+def load_factors(directory: str) -> "decomposition.Factors":
+  """Reads what `save_factors` wrote."""
+  directory = os.path.abspath(os.fspath(directory))
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no factors checkpoint at {directory}")
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(directory)
+  scalars = np.asarray(tree["scalars"])
+  return decomposition.Factors(jnp.asarray(tree["appearances"]), jnp.asarray(tree["parts"]),
+                         np.asarray(tree["loss_history"]), float(scalars[0]),
+                         float(scalars[1]), int(scalars[2]))
+
+
+class FitCheckpoints:
+  """Periodic checkpoints of a `FitState` plus the loss history so far.
+
+  The newest checkpoint is the resume point; older ones are pruned (`keep`).
+  """
+
+  def __init__(self, directory: str, keep: int = 2):
+    directory = os.path.abspath(os.fspath(directory))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True,
+        enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(directory, options=options)
+
+  def latest_step(self):
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: "decomposition.FitState", history: np.ndarray) -> None:
+    item = {"state": jax.tree.map(np.asarray, state._asdict()),
+            "history": np.asarray(history, np.float64)}
+    self._manager.save(step, args=ocp.args.StandardSave(item))
+    self._manager.wait_until_finished()
+
+  def restore(self, template: "decomposition.FitState"):
+    """`(state, history)` of the newest checkpoint; `template` fixes the structure."""
+    step = self._manager.latest_step()
+    target = {"state": jax.tree.map(np.asarray, template._asdict()),
+              "history": np.zeros((step,), np.float64)}
+    try:
+      item = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError) as err:
+      raise ValueError(f"checkpoint at step {step} does not match this run "
+                       f"(ranks, shapes or method differ): {err}") from err
+    state = decomposition.FitState(**jax.tree.map(jnp.asarray, item["state"]))
+    return state, np.asarray(item["history"])
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,140 @@
+"""The editing and interpretation ops wired to a generator.
+
+Thin helpers over any object with the generator API of `panda_jax.generators`
+(`z_dim`, `c_dim`, `latents(z, c, truncation_psi, truncation_cutoff)`,
+`split(latents, layer, noise_key)`, `resume(x, carry, latents, layer,
+noise_key)`): the features at `layer` are edited with the pure ops of
+`editing` / `interpret` and the rest of the network renders them. Images are
+`[n, H, W, ch]` in the generator's raw range.
+
+Sampling is per sample index: sample i has `z_i ~ N(0, I)` drawn with
+`fold_in(key, i)` (and, for a conditional generator, a uniformly drawn class
+from the same key), so any sample of a streamed pass (e.g. the top of a
+ranking) can be regenerated from its index alone, whatever the batch size.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from panda_jax import editing
+from panda_jax import interpret
+
+
+def _renderer(gen, latents, layer: int, noise_key):
+  """`(x, render)`: the features at `layer` and `render(x') -> images`."""
+  x, carry = gen.split(latents, layer, noise_key=noise_key)
+  return x, lambda y: gen.resume(y, carry, latents, layer, noise_key=noise_key)
+
+
+def edit_images(gen, latents, layer: int, appearances, parts, edits: Sequence,
+                *, noise_key=None):
+  """Images before and after `editing.edit_many` at `layer` (Sec. 3.3.1).
+
+  Args:
+    gen: a generator; latents: its conditioning for n samples.
+    layer: the layer the factors were fitted at (static).
+    appearances: A, `[c, r_c]`; parts: P, `[s, r_s]` or refined `[n, s, r_s]`.
+    edits: `(part, appearance, alpha)` triples, as in `editing.edit_many`.
+
+  Returns:
+    `(originals, edited)`, each `[n, H, W, ch]`.
+  """
+  x, render = _renderer(gen, latents, layer, noise_key)
+  return render(x), render(editing.edit_many(x, appearances, parts, edits))
+
+
+def remove_object_images(gen, latents, layer: int, appearances, parts, part,
+                         alpha, *, background=None, mu=None, border: int = 1,
+                         noise_key=None):
+  """Images before and after `editing.remove_object` (Sec. 5.1.1).
+
+  Returns:
+    `(originals, edited, background)`: the background concept used (proposed
+    from these samples' features when `background` is None).
+  """
+  x, render = _renderer(gen, latents, layer, noise_key)
+  edited, background = editing.remove_object(
+      x, appearances, parts, part, alpha, background=background, mu=mu,
+      border=border)
+  return render(x), render(edited), background
+
+
+def rewrite_images(gen, latents, layer: int, appearances, source: int,
+                   target: int, alpha, *, noise_key=None):
+  """Images before and after `editing.rewrite` (Sec. 5.5, Eqs. 14-16).
+
+  Returns:
+    `(originals, rewritten)`, each `[n, H, W, ch]`.
+  """
+  x, render = _renderer(gen, latents, layer, noise_key)
+  return render(x), render(editing.rewrite(x, appearances, source, target,
+                                           alpha))
+
+
+def saliency_images(gen, latents, layer: int, appearances, *,
+                    method: str = "bilinear", noise_key=None):
+  """Images with their saliency maps at image size (Sec. 5.1.2).
+
+  Returns:
+    `(images [n, H, W, ch], maps [n, s, r_c], upsampled [n, H, W, r_c])`;
+    threshold with `interpret.localise(maps or upsampled, mu)`.
+  """
+  x, render = _renderer(gen, latents, layer, noise_key)
+  images = render(x)
+  maps = interpret.saliency(x, appearances)
+  upsampled = interpret.upsample_saliency(
+      maps, interpret.feature_grid(x), images.shape[1:3], method=method)
+  return images, maps, upsampled
+
+
+def sample_latents(gen, key, indices, *, truncation_psi: float = 1.0,
+                   truncation_cutoff=None):
+  """The latents of the samples `indices` (`[b]` ints) of the stream `key`."""
+  indices = jnp.asarray(indices, jnp.int32)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  z = jax.vmap(lambda k: jax.random.normal(k, (gen.z_dim,)))(keys)  # [b, z_dim]
+  c = None
+  if gen.c_dim:
+    classes = jax.vmap(lambda k: jax.random.randint(
+        jax.random.fold_in(k, 1), (), 0, gen.c_dim))(keys)
+    c = jax.nn.one_hot(classes, gen.c_dim)
+  return gen.latents(z, c, truncation_psi=truncation_psi,
+                     truncation_cutoff=truncation_cutoff)
+
+
+def sampled_features(gen, key, layer: int, *, num_samples: int,
+                     batch_size: int, truncation_psi: float = 1.0,
+                     truncation_cutoff=None) -> Iterator:
+  """Yields the features `[b, h, w, c]` at `layer` of samples 0 .. num_samples-1."""
+  if not (num_samples >= 1 and batch_size >= 1):
+    raise ValueError(f"num_samples and batch_size must be positive, got "
+                     f"{num_samples} and {batch_size}")
+  for start in range(0, num_samples, batch_size):
+    indices = np.arange(start, min(start + batch_size, num_samples))
+    latents = sample_latents(gen, key, indices, truncation_psi=truncation_psi,
+                             truncation_cutoff=truncation_cutoff)
+    yield gen.split(latents, layer)[0]
+
+
+def concept_means_sampled(gen, key, layer: int, appearances, **sampling):
+  """mu_k `[r_c]` (Sec. 5.1.2) streamed over sampled latents.
+
+  `sampling`: the keyword arguments of `sampled_features`.
+  """
+  return interpret.concept_means(
+      sampled_features(gen, key, layer, **sampling), appearances)
+
+
+def rank_sampled(gen, key, layer: int, appearances, appearance: int, part=None,
+                 *, k: int = 10, **sampling) -> interpret.Ranking:
+  """Top/bottom-k samples by Eq. (17) / (18), streamed over sampled latents.
+
+  The indices name samples of `key`: `sample_latents(gen, key, indices)` gives
+  their latents back. `sampling`: the keyword arguments of `sampled_features`.
+  """
+  return interpret.rank_dataset(sampled_features(gen, key, layer, **sampling),
+                                appearances, appearance, part, k=k)

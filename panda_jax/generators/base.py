@@ -1,0 +1,193 @@
+"""The generator contract shared by every architecture, and converted checkpoints.
+
+A converted checkpoint is a directory holding `config.json` (the architecture's
+constructor options plus `"arch"` and `"format"`) and `params/`, an orbax
+checkpoint of the parameter pytree (nested dicts of float32 arrays). Loading
+one needs neither torch nor the converters' pickle reader.
+
+Layers are numbered per architecture (`tests/fixtures/README.md`); `split`
+stops after `layer` layers and `resume` runs the rest, so that for every valid
+`l`: `resume(*split(lat, l), lat, l) == generate(lat)`.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, ClassVar
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+FORMAT = "panda_jax.converted/1"
+
+_REGISTRY: dict[str, type["Generator"]] = {}
+
+
+class Generator(abc.ABC):
+  """A pretrained generator split into `latents -> split -> resume`.
+
+  Subclasses set the class attribute `arch`, are decorated with `@register`,
+  and are built from `(config, params)`: `config` a JSON-serialisable dict of
+  the architecture's options, `params` a pytree of arrays. All methods are
+  jittable functions of their array arguments; `layer` is static.
+  """
+  arch: ClassVar[str]
+
+  def __init__(self, config: dict, params: Any):
+    self.config = dict(config)
+    self.params = params
+
+  @classmethod
+  def from_converted(cls, config: dict, params: Any) -> "Generator":
+    """Builds the generator from a converted checkpoint's config and params."""
+    return cls(config, params)
+
+  @property
+  def z_dim(self) -> int:
+    return int(self.config["z_dim"])
+
+  @property
+  def c_dim(self) -> int:
+    """Number of classes of the one-hot conditioning (0 when unconditional)."""
+    return int(self.config.get("c_dim", 0))
+
+  @property
+  @abc.abstractmethod
+  def num_layers(self) -> int:
+    """Number of layers after which `split` may stop (the largest valid `layer`)."""
+
+  @property
+  def layers(self) -> range:
+    """Every valid `layer` of `split`/`resume` (1..num_layers unless overridden)."""
+    return range(1, self.num_layers + 1)
+
+  def check_layer(self, layer: int) -> int:
+    """Returns `layer` as an int, or raises a `ValueError` naming the valid range."""
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+      raise ValueError(f"layer must be a Python int, got {type(layer).__name__}")
+    if int(layer) not in self.layers:
+      raise ValueError(
+          f"layer must be in [{self.layers.start}, {self.layers.stop - 1}] for "
+          f"{self.arch}, got {layer}")
+    return int(layer)
+
+  @abc.abstractmethod
+  def latents(self, z, c=None, truncation_psi: float = 1.0,
+              truncation_cutoff: int | None = None):
+    """Per-layer conditioning pytree from `z [n, z_dim]` (and one-hot `c [n, c_dim]`).
+
+    Truncation `w_avg + psi * (w - w_avg)` applies to the first
+    `truncation_cutoff` layers only when given.
+    """
+
+  @abc.abstractmethod
+  def split(self, latents, layer: int, noise_key=None):
+    """Runs the first `layer` layers: `(x [n, h, w, c], carry)`."""
+
+  @abc.abstractmethod
+  def resume(self, x, carry, latents, layer: int, noise_key=None):
+    """Runs the layers after `layer` from `x [n, h, w, c]`: image `[n, H, W, ch]`."""
+
+  def generate(self, latents, noise_key=None):
+    """Image `[n, H, W, ch]`; equal to `resume(*split(latents, l), latents, l)`."""
+    layer = self.layers.start
+    x, carry = self.split(latents, layer, noise_key)
+    return self.resume(x, carry, latents, layer, noise_key)
+
+
+def register(cls: type[Generator]) -> type[Generator]:
+  """Class decorator: makes `cls` loadable by its `arch` name."""
+  arch = getattr(cls, "arch", None)
+  if not isinstance(arch, str) or not arch:
+    raise ValueError(f"{cls.__name__} must set a class attribute `arch`")
+  if arch in _REGISTRY and _REGISTRY[arch] is not cls:
+    raise ValueError(f"architecture {arch!r} is already registered "
+                     f"by {_REGISTRY[arch].__name__}")
+  _REGISTRY[arch] = cls
+  return cls
+
+
+def registered() -> dict[str, type[Generator]]:
+  """A copy of the `arch -> class` table."""
+  return dict(_REGISTRY)
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  # Without OCDBT the array files are deterministic, so a re-conversion is
+  # byte-identical except for orbax's own timestamps (`_CHECKPOINT_METADATA`,
+  # `commit_success.txt`).
+  return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+
+
+def save_converted(dst: str | os.PathLike, arch: str, config: dict,
+                   params: Any) -> str:
+  """Writes a converted checkpoint directory atomically; returns its path.
+
+  Everything goes to a temporary sibling directory first, which is renamed to
+  `dst` only once complete: a failure leaves no `dst` behind. `dst` must not
+  exist or be an empty directory.
+  """
+  dst = os.path.abspath(os.fspath(dst))
+  if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    raise ValueError(f"destination {dst} already exists and is not empty")
+  if "arch" in config or "format" in config:
+    raise ValueError("config must not contain the reserved keys 'arch'/'format'")
+  text = json.dumps({"format": FORMAT, "arch": arch, **config}, indent=1,
+                    sort_keys=True, allow_nan=False)
+  params = _to_numpy(params)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  try:
+    _checkpointer().save(os.path.join(tmp, PARAMS_DIR),
+                         args=ocp.args.PyTreeSave(params))
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+      f.write(text + "\n")
+    os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return dst
+
+
+def load_converted(path: str | os.PathLike) -> tuple[str, dict, Any]:
+  """Reads `(arch, config, params)` from a converted checkpoint directory."""
+  path = os.path.abspath(os.fspath(path))
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise ValueError(f"{path} is not a converted checkpoint (no {CONFIG_FILE}); "
+                     "convert it first with `python -m converters`")
+  with open(cfg_path) as f:
+    config = json.load(f)
+  if config.pop("format", None) != FORMAT:
+    raise ValueError(f"{cfg_path} is not a {FORMAT} config")
+  arch = config.pop("arch")
+  params = _checkpointer().restore(os.path.join(path, PARAMS_DIR))
+  return arch, config, params
+
+
+def load(path: str | os.PathLike) -> Generator:
+  """Loads a converted checkpoint directory as its registered `Generator`."""
+  arch, config, params = load_converted(path)
+  if arch not in _REGISTRY:
+    raise ValueError(f"unknown architecture {arch!r} in {path}; "
+                     f"registered: {sorted(_REGISTRY)}")
+  return _REGISTRY[arch].from_converted(config, params)
+
+
+def _to_numpy(tree):
+  """Nested dicts of arrays -> nested dicts of numpy arrays (string keys only)."""
+  if isinstance(tree, dict):
+    for k in tree:
+      if not isinstance(k, str) or not k or "." in k or "/" in k:
+        raise ValueError(f"parameter names must be non-empty strings without "
+                         f"'.' or '/', got {k!r}")
+    return {k: _to_numpy(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    raise ValueError("params must be nested dicts of arrays (no lists/tuples)")
+  return np.asarray(tree)

@@ -1,0 +1,93 @@
+"""Scoring parts and masks against a ground-truth segmentation (best-IoU matching).
+
+Used with generators whose samples carry their own label maps (the embedded
+toy-faces GAN): a part "finds" a ground-truth region when their intersection
+over union is high. IoUs are pooled over the samples,
+
+    IoU(l, k) = sum_i |G_il & M_ik| / sum_i |G_il | M_ik|,
+
+with `G_il` the pixels of sample i labelled l and `M_ik` the pixels of sample i
+assigned to part (or mask) k. Parts (`[s, r_s]` global or `[n, s, r_s]` refined)
+become one label per pixel by upsampling them to the image size and taking the
+argmax over parts, as in the paper's figures.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def part_label_maps(parts, grid, size, method: str = "bilinear"):
+  """The argmax part of every pixel: `[n, H, W]` int32 (n = 1 for global parts).
+
+  Args:
+    parts: `[s, r_s]` or refined `[n, s, r_s]`, `s = h * w` row-major.
+    grid: the feature grid `(h, w)`.
+    size: the image size `(H, W)`.
+    method: `jax.image.resize` method ("bilinear", or "nearest" for blocks).
+  """
+  parts = jnp.asarray(parts)
+  h, w = grid
+  if parts.ndim == 2:
+    parts = parts[None]
+  if parts.ndim != 3 or parts.shape[1] != h * w:
+    raise ValueError(f"parts must be [s={h * w}, r_s] or [n, s={h * w}, r_s], got shape "
+                     f"{tuple(parts.shape)}")
+  n, _, r_s = parts.shape
+  fields = jax.image.resize(jnp.reshape(parts, (n, h, w, r_s)), (n,) + tuple(size) + (r_s,),
+                            method=method)
+  return jnp.argmax(fields, axis=-1).astype(jnp.int32)
+
+
+def iou_matrix(masks, labels, num_labels: int):
+  """Pooled IoU of every ground-truth label with every predicted mask.
+
+  Args:
+    masks: boolean `[n, H, W, k]` (or `[H, W, k]`, shared by all samples).
+    labels: int `[n, H, W]`, ground-truth labels in `[0, num_labels)`.
+    num_labels: L.
+
+  Returns:
+    `[L, k]`; 0 where a label and a mask are both empty.
+  """
+  labels = jnp.asarray(labels)
+  masks = jnp.asarray(masks)
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
+  if masks.ndim == 3:
+    masks = masks[None]
+  if masks.ndim != 4 or masks.shape[1:3] != labels.shape[1:] or masks.shape[0] not in (
+      1, labels.shape[0]):
+    raise ValueError(f"masks must be [n, H, W, k] matching labels {tuple(labels.shape)}, got "
+                     f"shape {tuple(masks.shape)}")
+  masks = jnp.broadcast_to(masks, labels.shape + masks.shape[-1:]).astype(jnp.float32)
+  truth = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)           # [n, H, W, L]
+  inter = jnp.einsum("nhwl,nhwk->lk", truth, masks, precision=_HIGHEST)   # [L, k]
+  union = jnp.sum(truth, axis=(0, 1, 2))[:, None] + jnp.sum(masks, axis=(0, 1, 2))[None] - inter
+  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0.0)
+
+
+def best_part_iou(parts, labels, num_labels: int, grid, method: str = "bilinear"):
+  """Each ground-truth label's best-matching part and its IoU.
+
+  Args:
+    parts: `[s, r_s]` or refined `[n, s, r_s]` on the feature grid `grid=(h, w)`.
+    labels: int `[n, H, W]` ground-truth label maps.
+    num_labels: L.
+    grid: `(h, w)`.
+    method: upsampling of the parts (see `part_label_maps`).
+
+  Returns:
+    `(best [L], match [L] int32, iou [L, r_s])`.
+  """
+  labels = jnp.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
+  r_s = parts.shape[-1]
+  assigned = part_label_maps(parts, grid, labels.shape[1:], method)     # [n or 1, H, W]
+  iou = iou_matrix(jax.nn.one_hot(assigned, r_s, dtype=jnp.bool_), labels, num_labels)
+  return jnp.max(iou, axis=1), jnp.argmax(iou, axis=1).astype(jnp.int32), iou
+

@@ -1,0 +1,142 @@
+"""The generator helpers on a tiny fake generator with the generator API."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from panda_jax import editing
+from panda_jax import generator_ops
+from panda_jax import interpret
+from panda_jax import metrics
+
+H = W = 4
+C, UP, RC, RS = 6, 3, 4, 3
+S = H * W
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+class FakeGenerator:
+  """`split` maps z to `[n, H, W, C]` features; `resume` colours each feature
+  cell independently and upsamples it to a `UP x UP` pixel block, so an edit of
+  one cell changes exactly its block of pixels."""
+  num_layers = 2
+
+  def __init__(self, key, z_dim=5, c_dim=0):
+    self.z_dim, self.c_dim = z_dim, c_dim
+    k1, k2 = jax.random.split(key)
+    self.w_in = jax.random.normal(k1, (z_dim + c_dim, S * C)) / np.sqrt(z_dim)
+    self.w_out = jax.random.normal(k2, (C, 3)) / np.sqrt(C)
+
+  def latents(self, z, c=None, truncation_psi=1.0, truncation_cutoff=None):
+    del truncation_cutoff
+    z = truncation_psi * z
+    return z if c is None else jnp.concatenate([z, c], axis=1)
+
+  def split(self, latents, layer, noise_key=None):
+    assert layer == 1 and noise_key is None
+    x = jnp.reshape(jnp.tanh(latents @ self.w_in), (-1, H, W, C))
+    return x, jnp.mean(latents, axis=1)
+
+  def resume(self, x, carry, latents, layer, noise_key=None):
+    del latents
+    assert layer == 1 and noise_key is None
+    img = jnp.tanh(x @ self.w_out + jnp.reshape(carry, (-1, 1, 1, 1)))
+    return jnp.repeat(jnp.repeat(img, UP, axis=1), UP, axis=2)
+
+  def generate(self, latents, noise_key=None):
+    return self.resume(*self.split(latents, 1, noise_key), latents, 1, noise_key)
+
+
+def _setup(seed=0, n=3, **kwargs):
+  gen = FakeGenerator(jax.random.PRNGKey(seed), **kwargs)
+  latents = gen.latents(jax.random.normal(jax.random.PRNGKey(seed + 1), (n, gen.z_dim)))
+  rng = np.random.default_rng(seed)
+  a = np.linalg.qr(rng.normal(size=(C, RC)))[0].astype(np.float32)
+  p = np.maximum(rng.normal(size=(S, RS)), 0).astype(np.float32)
+  return gen, latents, a, p
+
+
+def test_edit_images_renders_the_edited_features():
+  gen, latents, a, p = _setup()
+  edits = [(1, 0, 4.0), ([0, 2], 3, -2.0)]
+  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p, edits)
+  np.testing.assert_allclose(originals, gen.generate(latents), **TOL)
+  x, carry = gen.split(latents, 1)
+  expected = gen.resume(editing.edit_many(x, a, p, edits), carry, latents, 1)
+  np.testing.assert_allclose(edited, expected, **TOL)
+  assert np.abs(np.asarray(edited - originals)).max() > 0.1
+
+
+def test_masked_edit_is_local_in_the_image():
+  gen, latents, a, p = _setup(1)
+  cells = np.zeros((H, W), np.float32)
+  cells[1:3, 0:2] = 1
+  roi = np.kron(cells, np.ones((UP, UP), np.float32))  # the mask at image size
+  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p,
+                                                [(roi, 2, 3.0)])
+  mean, std = metrics.roir(originals, edited, np.stack([roi] * 3))
+  assert float(mean) == 0.0 and float(std) == 0.0
+  leaky = np.clip(roi + np.kron(np.eye(H, W), np.ones((UP, UP))), 0, 1)
+  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p,
+                                                [(leaky.astype(np.float32), 2, 3.0)])
+  assert float(metrics.roir(originals, edited, roi)[0]) > 0.1
+
+
+def test_rewrite_and_remove_images():
+  gen, latents, a, p = _setup(2)
+  x, carry = gen.split(latents, 1)
+  originals, rewritten = generator_ops.rewrite_images(gen, latents, 1, a, 0, 2, 1.0)
+  np.testing.assert_allclose(
+      rewritten, gen.resume(editing.rewrite(x, a, 0, 2, 1.0), carry, latents, 1), **TOL)
+  np.testing.assert_allclose(originals, gen.generate(latents), **TOL)
+  originals, removed, b = generator_ops.remove_object_images(
+      gen, latents, 1, a, p, [0, 1], 5.0)
+  k, _ = editing.propose_background(x, a)
+  assert int(b) == int(k)
+  np.testing.assert_allclose(
+      removed, gen.resume(editing.edit(x, a, p, [0, 1], int(k), 5.0), carry, latents, 1),
+      **TOL)
+  _, _, b = generator_ops.remove_object_images(gen, latents, 1, a, p, 0, 5.0,
+                                               background=1)
+  assert b == 1
+
+
+def test_saliency_images():
+  gen, latents, a, _ = _setup(3)
+  images, maps, upsampled = generator_ops.saliency_images(gen, latents, 1, a,
+                                                          method="nearest")
+  x, _ = gen.split(latents, 1)
+  np.testing.assert_allclose(maps, interpret.saliency(x, a), **TOL)
+  assert images.shape == (3, UP * H, UP * W, 3)
+  assert upsampled.shape == (3, UP * H, UP * W, RC)
+  np.testing.assert_allclose(upsampled[:, ::UP, ::UP], np.reshape(maps, (3, H, W, RC)),
+                             **TOL)
+
+
+def test_sampling_is_per_index_and_streams_agree():
+  gen, _, a, _ = _setup(4)
+  key = jax.random.PRNGKey(7)
+  all_latents = generator_ops.sample_latents(gen, key, np.arange(10))
+  np.testing.assert_allclose(generator_ops.sample_latents(gen, key, [7, 3]),
+                             all_latents[np.array([7, 3])], **TOL)
+  x, _ = gen.split(all_latents, 1)
+  mu = generator_ops.concept_means_sampled(gen, key, 1, a, num_samples=10,
+                                           batch_size=4)
+  np.testing.assert_allclose(mu, np.asarray(interpret.saliency(x, a)).mean((0, 1)),
+                             **TOL)
+  part = np.ones(S, np.float32)
+  ranking = generator_ops.rank_sampled(gen, key, 1, a, 1, part, k=3, num_samples=10,
+                                       batch_size=3)
+  scores = np.asarray(interpret.rank(x, a, 1, part))
+  np.testing.assert_array_equal(ranking.top_index, np.argsort(-scores)[:3])
+  np.testing.assert_array_equal(ranking.bottom_index, np.argsort(scores)[:3])
+  with pytest.raises(ValueError, match="must be positive"):
+    next(generator_ops.sampled_features(gen, key, 1, num_samples=0, batch_size=2))
+
+
+def test_conditional_sampling_draws_one_hot_classes():
+  gen, _, _, _ = _setup(5, c_dim=4)
+  latents = generator_ops.sample_latents(gen, jax.random.PRNGKey(0), np.arange(12))
+  classes = np.asarray(latents[:, gen.z_dim:])
+  np.testing.assert_array_equal(classes.sum(1), np.ones(12))
+  assert len(set(classes.argmax(1).tolist())) > 1
