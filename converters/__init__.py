@@ -3,11 +3,11 @@
     python -m converters --src=network-snapshot.pkl --dst=converted/ffhq
 
 Each module named in `FORMATS` is a format: it defines `sniff(source) -> bool`
-and `convert(source) -> (arch, config, params)` (adding a format is adding a
-module and its name here; a module that fails to import fails loudly, and the
-tests check that every such module is listed). `sniff` must be cheap and exclusive: it
-looks at `source.path`/`source.read()` and answers whether its module converts
-this checkpoint. `convert` returns the architecture name registered in
+and `convert(source) -> (arch, config, params)`. Adding a format is adding a
+module and its name there; a module that fails to import fails loudly, and the
+tests check that every such module is listed. `sniff` must be cheap and
+exclusive: it looks at `source.path`/`source.read()` and answers whether its
+module converts this checkpoint. `convert` returns the architecture name registered in
 `panda_jax.generators`, a JSON-serialisable config and a params pytree; it
 raises `ConversionError` (one line) for anything it cannot convert. Nothing
 here imports torch or executes anything from a checkpoint: files are read by
@@ -28,6 +28,10 @@ from converters.errors import ConversionError
 
 # The format modules, in the order `detect` asks them.
 FORMATS = ("stylegan2", "stylegan3", "biggan", "genforce")
+MAX_JSON_BYTES = 2**20  # A config.json (real ones: < 1 kB).
+# What reading odd values out of a checkpoint raises: malformed input, not a bug.
+_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
+              RecursionError)
 
 
 class Source:
@@ -70,10 +74,12 @@ class Source:
     """A JSON file inside the folder (e.g. `config.json`)."""
     path = self.file(name)
     try:
-      with open(path) as f:
-        return json.load(f)
-    except (OSError, ValueError) as e:
-      raise ConversionError(f"cannot read {path}: {e}") from None
+      if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise ConversionError(f"{path} is larger than {MAX_JSON_BYTES} bytes")
+      with open(path, "rb") as f:
+        return json.loads(f.read())
+    except (OSError, ValueError, RecursionError) as e:
+      raise ConversionError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 @functools.cache
@@ -109,13 +115,17 @@ def convert(src: str | os.PathLike) -> tuple[str, dict, Any]:
   """Reads a checkpoint: `(arch, config, params)`, checked by building the generator."""
   from panda_jax import generators
   source = Source(src)
-  arch, config, params = detect(source).convert(source)
+  try:
+    arch, config, params = detect(source).convert(source)
+  except _MALFORMED as e:
+    raise ConversionError(f"{source.path}: malformed checkpoint "
+                          f"({type(e).__name__}: {e})") from None
   classes = generators.base.registered()
   if arch not in classes:
     raise ConversionError(f"no generator registered for architecture {arch!r}")
   try:
     classes[arch].from_converted(config, params)
-  except ValueError as e:
+  except _MALFORMED as e:
     raise ConversionError(f"converted {arch} checkpoint is invalid: {e}") from None
   return arch, config, params
 

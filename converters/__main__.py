@@ -19,8 +19,14 @@ def main(argv=None) -> int:
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except OSError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+  except OSError as e:  # Reading errors are ConversionErrors: this is the output.
+    print(f"error: {ConversionError(f'cannot write --dst={args.dst}: {e.strerror or e}')}",
+          file=sys.stderr)
+    return 2
+  except Exception as e:  # pylint: disable=broad-except
+    # A bug, not the user's input: still one line and no traceback.
+    print(f"error: internal error: {ConversionError(f'{type(e).__name__}: {e}')} "
+          "(a converter bug; please report it with the file)", file=sys.stderr)
     return 2
   print(dst)
   return 0

@@ -274,15 +274,27 @@ def _sg2_filter(sd: _Tensors, name: str) -> None:
 
 def _sg2_modconv(sd: _Tensors, name: str, c_in: int | None, w_dim: int, k: int,
                  up: bool = False) -> dict:
-  """A ModulateConvBlock -> `stylegan2` params (`affine`, `weight [k, k, i, o]`, `bias`)."""
+  """A ModulateConvBlock -> `stylegan2` params (`affine`, `weight [k, k, i, o]`, `bias`).
+
+  genforce scales the weight by `1 / sqrt(fan_in)`; for the convs we fold it in
+  (demodulation divides it out anyway), for ToRGB (k = 1, no demodulation) we
+  move it to the styles, where NVIDIA's ToRGB has it, so that both formats give
+  the same parameters.
+  """
   weight = sd.take(f"{name}.weight", (None, c_in, k, k))
   if up:  # genforce's conv_transpose2d runs on the flipped kernel.
     weight = weight[:, :, ::-1, ::-1]
-  style = sd.take(f"{name}.style.weight", (weight.shape[1], w_dim))
-  return {"affine": {"kernel": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
-                     "bias": sd.take(f"{name}.style.bias", (weight.shape[1],)) + 1.0},
-          "weight": _conv(np.ascontiguousarray(weight), gain=1.0),
-          "bias": sd.take(f"{name}.bias", (weight.shape[0],))}
+  c_out, c_in = weight.shape[:2]
+  style = sd.take(f"{name}.style.weight", (c_in, w_dim))
+  affine = {"kernel": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
+            "bias": sd.take(f"{name}.style.bias", (c_in,)) + 1.0}
+  if k == 1:  # ToRGB.
+    gain = 1.0 / math.sqrt(c_in)
+    affine = {key: _scaled(value, gain) for key, value in affine.items()}
+    weight = np.ascontiguousarray(np.transpose(weight, (2, 3, 1, 0)))  # [1, 1, i, o]
+  else:
+    weight = _conv(np.ascontiguousarray(weight), gain=1.0)
+  return {"affine": affine, "weight": weight, "bias": sd.take(f"{name}.bias", (c_out,))}
 
 
 def _convert_stylegan2(state: dict, final_tanh: bool,

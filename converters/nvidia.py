@@ -88,16 +88,27 @@ def dense(rec: Record, extra_gain: float = 1.0) -> dict:
   return {"kernel": weight.T * np.float32(extra_gain), "bias": bias * np.float32(extra_gain)}
 
 
-def jsonable(x: Any) -> Any:
-  """Constructor kwargs as JSON data (for provenance in the converted config)."""
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, dict):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple, frozenset)):
-    return [jsonable(v) for v in x]
-  if x is None or isinstance(x, (str, int, bool)):
-    return x
-  if isinstance(x, float):
-    return x if np.isfinite(x) else str(x)
-  return repr(x)
+def jsonable(x: Any, limit: int = 10_000) -> Any:
+  """Constructor kwargs as JSON data (for provenance in the converted config).
+
+  At most `limit` values: a pickle may share one container many times over
+  (memo references), which JSON would write out in full.
+  """
+  left = [limit]
+
+  def walk(x):
+    left[0] -= 1
+    if left[0] < 0:
+      raise ConversionError(f"_init_kwargs holds more than {limit} values")
+    if isinstance(x, np.generic):
+      return x.item()
+    if isinstance(x, dict):
+      return {str(k): walk(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, frozenset)):
+      return [walk(v) for v in x]
+    if x is None or isinstance(x, (str, int, bool)):
+      return x
+    if isinstance(x, float):
+      return x if np.isfinite(x) else str(x)
+    return repr(x)[:200]
+  return walk(x)

@@ -19,6 +19,12 @@ stand-ins written here; every other global (`os.system`, `builtins.eval`,
 `subprocess.Popen`, the classes of the pickle itself...) raises
 `ConversionError` before anything is called. NVIDIA persistent objects become
 `Record`s and their embedded source `module_src` is dropped, never executed.
+The stand-ins refuse pickle's BUILD (`__setstate__`) unless it is their
+format's, so a file cannot re-shape a tensor after its checks nor alter the
+reader for later files; a file's tensors may not expand to more than twice
+the bytes it stores (`_Budget`), and shared objects stay shared (no
+"billion laughs" blow-up); zip members must be stored uncompressed, as torch
+writes them (no zip bombs).
 Tensors come out as C-contiguous numpy arrays in native byte order (bfloat16 as
 `ml_dtypes.bfloat16`); containers as dicts, lists, tuples and sets.
 """
@@ -27,10 +33,12 @@ from __future__ import annotations
 import _compat_pickle
 import dataclasses
 import io
+import math
 import os
 import pickle
 import re
 import struct
+import types
 import zipfile
 from collections import OrderedDict
 from typing import Any, Callable
@@ -42,6 +50,8 @@ from converters.errors import ConversionError
 
 MAX_FILE_BYTES = 16 * 2**30  # Larger than any published generator checkpoint.
 MAX_DEPTH = 64  # Nesting of containers in a checkpoint (real ones: < 20).
+MAX_PICKLE_BYTES = 2**30  # A torch archive's data.pkl (real ones: a few MB).
+_SLACK_BYTES = 2**26  # Tensors may hold 2 x the stored bytes plus this.
 
 _TORCH_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + _TORCH_MAGIC.to_bytes(10, "little")
@@ -71,13 +81,52 @@ class Record:
   state: Any
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageType:
-  dtype: np.dtype
+class _NoBuild:
+  """Refuses pickle's BUILD opcode (which would set attributes after the checks)."""
+  __slots__ = ()
+
+  def __setstate__(self, state):
+    raise ConversionError(f"pickle tries to set the state of a {type(self).__name__.strip('_')}")
 
 
-class _Storage:
+class _Global(_NoBuild):
+  """An allowlisted function, fresh per load: BUILD cannot change its defaults."""
+  __slots__ = ("fn",)
+
+  def __init__(self, fn: Callable):
+    self.fn = fn
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+class _StorageType(_NoBuild):
+  __slots__ = ("dtype",)
+
+  def __init__(self, dtype):
+    self.dtype = np.dtype(dtype)
+
+
+class _Budget:
+  """Bytes that a file's tensors may still materialise (2 x stored + slack)."""
+
+  def __init__(self):
+    self.left = _SLACK_BYTES
+
+  def stored(self, nbytes: int) -> None:
+    self.left += 2 * nbytes
+
+  def take(self, nbytes: int, what: str) -> None:
+    if nbytes > self.left:
+      raise ConversionError(
+          f"{what} would expand to {nbytes} bytes, more than the file stores "
+          "(overlapping views or a decompression bomb?)")
+    self.left -= nbytes
+
+
+class _Storage(_NoBuild):
   """A typed storage: `numel` elements of `dtype`, bytes filled in when read."""
+  __slots__ = ("dtype", "numel", "array")
 
   def __init__(self, dtype, numel: int):
     self.dtype = np.dtype(dtype)
@@ -93,18 +142,18 @@ class _Storage:
     self.array = np.frombuffer(data, dtype).astype(self.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_NoBuild):
   """A strided view of a storage, materialised once all storages are read."""
-  storage: _Storage
-  offset: int
-  size: tuple
-  stride: tuple
+  __slots__ = ("storage", "offset", "size", "stride")
 
-  def materialise(self) -> np.ndarray:
+  def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+    self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+  def materialise(self, budget: _Budget) -> np.ndarray:
     st = self.storage
     if st.array is None:
       raise ConversionError("a tensor refers to a storage that the file never stores")
+    budget.take(math.prod(self.size) * st.dtype.itemsize, f"tensor of size {self.size}")
     if any(n == 0 for n in self.size):
       return np.zeros(self.size, st.dtype)
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
@@ -120,6 +169,7 @@ class _Tensor:
 
 class _ArrayBuilder:
   """`numpy.core.multiarray._reconstruct` stand-in; `__setstate__` gets the data."""
+  __slots__ = ("array",)
 
   def __init__(self):
     self.array: np.ndarray | None = None
@@ -132,7 +182,7 @@ class _ArrayBuilder:
       raise ConversionError("numpy arrays of objects are not allowed")
     dtype = dtype.dtype
     shape = tuple(_check_int(n, "array shape") for n in shape)
-    if len(data) != int(np.prod(shape)) * dtype.itemsize:
+    if len(data) != math.prod(shape) * dtype.itemsize:
       raise ConversionError("numpy array data does not match its shape")
     arr = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
     self.array = arr.astype(dtype.newbyteorder("="), order="C")  # A copy; 0-d stays 0-d.
@@ -247,7 +297,8 @@ def _allowlist(load_from_bytes: Callable | None) -> dict[tuple[str, str], Any]:
     allowed[("torch.cuda", name)] = _StorageType(np.dtype(dtype))
   if load_from_bytes is not None:
     allowed[("torch.storage", "_load_from_bytes")] = load_from_bytes
-  return allowed
+  return {k: _Global(v) if isinstance(v, types.FunctionType | types.MethodType) else v
+          for k, v in allowed.items()}
 
 
 # Every global any supported format may name (frozen by the tests).
@@ -299,6 +350,7 @@ class _Reader:
   def __init__(self, log: set | None, max_bytes: int = MAX_FILE_BYTES):
     self.log = log
     self.max_bytes = max_bytes
+    self.budget = _Budget()
 
   def unpickle(self, f, persistent=None, nvidia=False):
     allowed = _allowlist(self.load_from_bytes if nvidia else None)
@@ -347,10 +399,17 @@ class _Reader:
       if numel != st.numel or nbytes > len(data) - f.tell():
         raise ConversionError("truncated or inconsistent storage in legacy torch file")
       st.fill(f.read(nbytes), big_endian)
+      self.budget.stored(nbytes)
     return result
 
   def zip(self, path: str):
     with zipfile.ZipFile(path) as zf:
+      # torch stores members uncompressed: more bytes than the archive is a bomb.
+      declared = sum(info.file_size for info in zf.infolist())
+      if declared > os.path.getsize(path):
+        raise ConversionError(
+            f"zip members declare {declared} bytes, more than the archive holds: "
+            "compressed (zip bomb?); torch archives are stored uncompressed")
       roots = [n[:-len("data.pkl")] for n in zf.namelist()
                if n.endswith("data.pkl") and n.count("/") == 1]
       if len(roots) != 1:
@@ -372,22 +431,36 @@ class _Reader:
             raise ConversionError(f"storage {name} has the wrong size")
           st = _Storage(stype.dtype, numel)
           st.fill(zf.read(name), big_endian)
+          self.budget.stored(len(st.array) * st.dtype.itemsize)
           storages[key] = st
         return storages[key]
 
-      if zf.getinfo(f"{root}data.pkl").file_size > self.max_bytes:
-        raise ConversionError(f"data.pkl is larger than {self.max_bytes} bytes")
+      limit = min(self.max_bytes, MAX_PICKLE_BYTES)
+      if zf.getinfo(f"{root}data.pkl").file_size > limit:
+        raise ConversionError(f"data.pkl is larger than {limit} bytes")
       with zf.open(f"{root}data.pkl") as f:
         return self.unpickle(io.BytesIO(f.read()), persistent)
 
 
-def _finish(obj, depth: int = 0):
-  """Replaces the stand-ins by numpy arrays and plain containers."""
+def _finish(obj, budget: _Budget, done: dict | None = None, depth: int = 0):
+  """Replaces the stand-ins by numpy arrays and plain containers.
+
+  An object the pickle shares (memo references) is finished once and stays
+  shared, so the work is linear in the size of the file.
+  """
+  if done is None:
+    done = {}
+  if id(obj) not in done:
+    done[id(obj)] = (obj, _finish_one(obj, budget, done, depth))
+  return done[id(obj)][1]  # The key object is kept alive: ids stay unique.
+
+
+def _finish_one(obj, budget: _Budget, done: dict, depth: int):
   if depth > MAX_DEPTH:
     raise ConversionError(f"checkpoint nests deeper than {MAX_DEPTH} levels")
-  rec = lambda x: _finish(x, depth + 1)
+  rec = lambda x: _finish(x, budget, done, depth + 1)
   if isinstance(obj, _Tensor):
-    return obj.materialise()
+    return obj.materialise(budget)
   if isinstance(obj, _DType):
     return obj.dtype
   if isinstance(obj, _ArrayBuilder):
@@ -395,6 +468,8 @@ def _finish(obj, depth: int = 0):
       raise ConversionError("numpy array without data in pickle")
     return obj.array
   if isinstance(obj, Record):
+    if not (isinstance(obj.class_name, str) and isinstance(obj.state, dict)):
+      raise ConversionError("malformed persistent object (state altered after creation)")
     state = {k: v for k, v in obj.state.items() if k != "module_src"}
     return Record(obj.module, obj.class_name, rec(state))
   if isinstance(obj, dict):
@@ -433,6 +508,8 @@ def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES,
   """
   path = os.fspath(path)
   try:
+    if not os.path.isfile(path):  # Not /dev/zero, a FIFO, a folder...
+      raise ConversionError(f"{path} is not a regular file")
     size = os.path.getsize(path)
     if size > max_bytes:
       raise ConversionError(f"{path} is larger than {max_bytes} bytes")
@@ -463,13 +540,16 @@ def _read(data: bytes | None, path: str | None, log: set | None,
     else:
       raise ConversionError(
           f"not a pickle, torch zip or legacy torch file (starts with {data[:8]!r})")
-    return _finish(obj)
+    return _finish(obj, reader.budget)
   except ConversionError as e:
     raise ConversionError(f"{where}{e}") from None
   except (EOFError, zipfile.BadZipFile) as e:
     raise ConversionError(f"{where}truncated or corrupt file ({e})") from None
   except RecursionError:
     raise ConversionError(f"{where}pickle nests too deeply") from None
+  except MemoryError:  # The C unpickler allocates a declared length before reading it.
+    raise ConversionError(f"{where}malformed checkpoint: declares an object larger "
+                          "than memory") from None
   except Exception as e:  # pylint: disable=broad-except
     # Only our stand-ins and the pickle machinery ran: any other failure means
     # a malformed file, reported in one line.

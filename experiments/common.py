@@ -1,29 +1,35 @@
 """Plumbing shared by the launchers: flags, generator, samples, features, outputs.
 
 Each launcher is a short `main` around one `run(config) -> dict` (the metrics it
-wrote to `OUT/metrics.json`). `config` is a namespace of flag values: `launch`
-builds it from the command line, `make_config(NAMES, **overrides)` from the
-flags' defaults, so tests call `run` directly.
+wrote to `OUT/metrics.json`). `config` is a namespace of option values:
+`main` builds it from the command line, `make_config(SPEC, **overrides)` from
+the defaults, so tests call `run` directly.
 
 Sample i of a run has the latents of `fold_in(sample_key, i)` with
 `sample_key, fit_key = split(PRNGKey(seed))` (`generator_ops.sample_latents`):
 the data never depend on the batch size nor on how many processes share the
-work. With `--coordinator_address --num_processes --process_id`,
-`jax.distributed.initialize` runs before any other JAX call, each process
-extracts its own contiguous slice of the samples, and only process 0 writes.
+work. With `--coordinator_address --num_processes --process_id`, or with no
+flags under Slurm or on a TPU pod (`detect_cluster`), `jax.distributed.initialize`
+runs before any other JAX call, each process extracts its own contiguous slice
+of the samples, and only process 0 writes. A process that dies makes the others
+abort within `HEARTBEAT_TIMEOUT_S` instead of hanging in a collective.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import types
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -34,38 +40,64 @@ from panda_jax import metrics as metrics_lib
 from panda_jax import parts_eval
 
 FLAGS = flags.FLAGS
+_STOP = threading.Event()  # Set by SIGTERM / SIGINT (installed by `main`).
 
-flags.DEFINE_string("generator", "toyfaces", "A converted checkpoint directory (written by "
-                    "`python -m converters`) or the name of an embedded generator.")
-flags.DEFINE_integer("layer", None, "Layer of the feature maps (default: the deepest layer "
-                     "whose feature maps are at most 16x16).")
-flags.DEFINE_string("out", None, "Output directory: PNGs, metrics.json, checkpoints.")
-flags.DEFINE_integer("seed", 0, "Seed of the samples and of the decomposition.")
-flags.DEFINE_integer("num_samples", 256, "Samples the factors are learnt (or ranked) on.")
-flags.DEFINE_integer("batch_size", 64, "Samples per generator call.")
-flags.DEFINE_float("truncation_psi", 1.0, "Truncation of the latents.")
-flags.DEFINE_integer("rank_c", 16, "Number of appearances R_C.")
-flags.DEFINE_integer("rank_s", 8, "Number of parts R_S.")
-flags.DEFINE_integer("steps", 200, "Steps of Algorithm 1 in total (a rerun with more steps "
-                     "continues from OUT/checkpoints).")
-flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints.")
-flags.DEFINE_string("factors", None, "A `decompose` output directory; without it, the "
-                    "launcher decomposes into OUT/decompose (resumed when already there).")
-flags.DEFINE_integer("num_show", 6, "Samples 0..num_show-1 are the ones shown and edited.")
-flags.DEFINE_string("part", "0", "A part index, or indices joined by '+' (their union).")
-flags.DEFINE_integer("appearance", 0, "An appearance (concept) index j.")
-flags.DEFINE_float("alpha", 3.0, "Edit strength (see --relative_alpha).")
-flags.DEFINE_bool("relative_alpha", True, "Alpha in units of the mean norm of a feature "
-                  "fibre (so one value suits any generator and layer); else absolute.")
-flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process).")
-flags.DEFINE_integer("process_id", None, "Index of this process (multi-process).")
+
+class Stopped(Exception):
+  """A run stopped by SIGTERM/SIGINT after checkpointing: `main` exits 0."""
+
+
+def stop_requested() -> bool:
+  """Whether SIGTERM/SIGINT arrived: `pj.fit(stop=...)` then checkpoints and returns."""
+  return _STOP.is_set()
+
+
+def _request_stop(signum, frame) -> None:
+  del frame
+  logging.warning("%s received: checkpointing and stopping", signal.Signals(signum).name)
+  _STOP.set()
+
+
+class Flag(NamedTuple):
+  """One command-line option: absl's `DEFINE_<kind>(name, default, help)`."""
+  kind: str  # "string", "integer", "float", "bool", "list" or "multi_string"
+  default: Any
+  help: str
+
+
+_SHARED = {
+    "generator": Flag("string", "toyfaces", "A converted checkpoint directory (written by "
+                      "`python -m converters`) or the name of an embedded generator."),
+    "layer": Flag("integer", None, "Layer of the feature maps (default: the deepest layer "
+                  "whose feature maps are at most 16x16)."),
+    "out": Flag("string", None, "Output directory: PNGs, metrics.json, checkpoints."),
+    "seed": Flag("integer", 0, "Seed of the samples and of the decomposition."),
+    "num_samples": Flag("integer", 256, "Samples the factors are learnt (or ranked) on."),
+    "batch_size": Flag("integer", 64, "Samples per generator call."),
+    "truncation_psi": Flag("float", 1.0, "Truncation of the latents."),
+    "rank_c": Flag("integer", 16, "Number of appearances R_C."),
+    "rank_s": Flag("integer", 8, "Number of parts R_S."),
+    "steps": Flag("integer", 200, "Steps of Algorithm 1 in total (a rerun with more steps "
+                  "continues from OUT/checkpoints)."),
+    "checkpoint_every": Flag("integer", 50, "Steps between checkpoints."),
+    "factors": Flag("string", None, "A `decompose` output directory; without it, the "
+                    "launcher decomposes into OUT/decompose (resumed when already there)."),
+    "num_show": Flag("integer", 6, "Samples 0..num_show-1 are the ones shown and edited."),
+    "part": Flag("string", "0", "A part index, or indices joined by '+' (their union)."),
+    "appearance": Flag("integer", 0, "An appearance (concept) index j."),
+    "alpha": Flag("float", 3.0, "Edit strength (see --relative_alpha)."),
+    "relative_alpha": Flag("bool", True, "Alpha in units of the mean norm of a feature "
+                           "fibre (so one value suits any generator and layer); else absolute."),
+    "coordinator_address": Flag("string", None, "HOST:PORT of process 0 (multi-process)."),
+    "num_processes": Flag("integer", None, "Number of processes (multi-process)."),
+    "process_id": Flag("integer", None, "Index of this process (multi-process)."),
+}
 
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 SAMPLING = ("generator", "layer", "out", "seed", "num_samples", "batch_size",
             "truncation_psi") + DISTRIBUTED
 DECOMPOSITION = ("rank_c", "rank_s", "steps", "checkpoint_every")
-# The flags of every launcher that works from factors (decompose's, plus where
+# The options of every launcher that works from factors (decompose's, plus where
 # the factors come from and how many samples to show).
 WITH_FACTORS = SAMPLING + DECOMPOSITION + ("factors", "num_show")
 
@@ -73,43 +105,107 @@ WITH_FACTORS = SAMPLING + DECOMPOSITION + ("factors", "num_show")
 # ----------------------------------------------------------------------------- configs
 
 
-def make_config(names: Sequence[str], **overrides) -> types.SimpleNamespace:
-  """The flags `names` at their defaults, with `overrides` (unknown names raise)."""
-  unknown = sorted(set(overrides) - set(names))
+def spec(*names: str, **own: Flag) -> dict:
+  """A launcher's options: shared ones by name, plus its own `Flag`s."""
+  clash = sorted(set(own) & set(_SHARED))
+  if clash:
+    raise ValueError(f"options {clash} are shared ones: name them instead")
+  return {**{name: _SHARED[name] for name in names}, **own}
+
+
+def make_config(options: dict, **overrides) -> types.SimpleNamespace:
+  """The `options` (a `spec`) at their defaults, with `overrides` (unknown names raise)."""
+  unknown = sorted(set(overrides) - set(options))
   if unknown:
-    raise ValueError(f"unknown options {unknown}; this launcher takes {sorted(names)}")
-  values = {name: FLAGS[name].default for name in names}
+    raise ValueError(f"unknown options {unknown}; this launcher takes {sorted(options)}")
+  values = {name: flag.default for name, flag in options.items()}
   values.update(overrides)
   return types.SimpleNamespace(**values)
 
 
-def subconfig(config, names: Sequence[str], **overrides) -> types.SimpleNamespace:
-  """The options `names` of `config` (those it has), with `overrides`."""
-  values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+def subconfig(config, options: dict, **overrides) -> types.SimpleNamespace:
+  """The `options` taken from `config` where it has them, with `overrides`."""
+  values = {n: getattr(config, n) for n in options if hasattr(config, n)}
   values.update(overrides)
-  return make_config(names, **values)
+  return make_config(options, **values)
 
 
-def launch(run: Callable, names: Sequence[str]) -> Callable:
-  """`main(argv)` for `app.run`: multi-process setup first, then `run(config)`."""
+def main(run: Callable, options: dict) -> None:
+  """The command line: defines the absl flags of `options`, then `run(config)`.
 
-  def main(argv):
+  Flags are defined here, not at import, so that importing several launchers
+  (tests do) never defines a flag twice. `jax.distributed.initialize` runs
+  first when the multi-process flags are given or a cluster is detected.
+  """
+  for name, flag in options.items():
+    getattr(flags, f"DEFINE_{flag.kind}")(name, flag.default, flag.help)
+
+  def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = types.SimpleNamespace(**{name: FLAGS[name].value for name in names})
+    config = types.SimpleNamespace(**{name: FLAGS[name].value for name in options})
     initialize_distributed(config)
     if not FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO.
-    run(config)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # Preemption: checkpoint, exit 0.
+      signal.signal(sig, _request_stop)
+    try:
+      run(config)
+    except Stopped as e:
+      print(f"stopped: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # Bad flags or values: one line, exit 1.
+      sys.exit(f"error: {' '.join(str(e).split())}")
 
-  return main
+  app.run(_main)
 
 
-def initialize_distributed(config) -> None:
-  """`jax.distributed.initialize` from the three multi-process flags, when given."""
+# A process that sends no heartbeat for this long is declared dead, and every
+# other process then aborts with JAX's "another task died" error instead of
+# waiting forever in a collective (JAX's default is 100 s).
+# `PANDA_HEARTBEAT_TIMEOUT_S` overrides it (tests use a few seconds).
+HEARTBEAT_TIMEOUT_S = 30
+_SLURM_STEP = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
+
+
+def detect_cluster(environ) -> Optional[str]:
+  """The multi-process launcher `environ` (a dict of environment variables) shows.
+
+  "slurm" for an `srun` step of several tasks (the variables JAX's own Slurm
+  detection reads; each process then uses the GPU `SLURM_LOCALID` of its node),
+  "tpu" on a TPU VM pod slice of several hosts (or several slices,
+  `MEGASCALE_*`); None otherwise (one machine, a one-task Slurm job, or an
+  sbatch script outside `srun`): then no distributed runtime is started.
+  """
+  def count(name):
+    try:
+      return int(environ.get(name, "1"))
+    except ValueError:
+      return 1
+
+  if all(name in environ for name in _SLURM_STEP) and count("SLURM_NTASKS") > 1:
+    return "slurm"
+  hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if len(hosts) > 1 or count("MEGASCALE_NUM_SLICES") > 1:
+    return "tpu"
+  return None
+
+
+def initialize_distributed(config, environ=None) -> Optional[str]:
+  """`jax.distributed.initialize`, from the three multi-process flags or auto-detected.
+
+  With the flags, they are used as given. Without them, under Slurm or on a TPU
+  pod (`detect_cluster`), JAX finds the coordinator, process count and index
+  itself. Returns how the runtime was started ("flags", "slurm", "tpu") or None
+  (a single process).
+  """
+  environ = os.environ if environ is None else environ
   values = [getattr(config, name) for name in DISTRIBUTED]
   if all(v is None for v in values):
-    return
+    cluster = detect_cluster(environ)
+    if cluster is not None:
+      jax.distributed.initialize(heartbeat_timeout_seconds=_heartbeat_timeout(environ))
+    return cluster
   if any(v is None for v in values):
     raise ValueError("--coordinator_address, --num_processes and --process_id must be given "
                      f"together, got {dict(zip(DISTRIBUTED, values))}")
@@ -117,7 +213,20 @@ def initialize_distributed(config) -> None:
   if not (count >= 1 and 0 <= index < count):
     raise ValueError(f"--process_id must be in [0, {count - 1}], got {index}")
   jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                             process_id=index)
+                             process_id=index,
+                             heartbeat_timeout_seconds=_heartbeat_timeout(environ))
+  return "flags"
+
+
+def _heartbeat_timeout(environ) -> int:
+  text = environ.get("PANDA_HEARTBEAT_TIMEOUT_S", str(HEARTBEAT_TIMEOUT_S))
+  try:
+    seconds = int(text)
+  except ValueError:
+    seconds = 0
+  if seconds < 1:
+    raise ValueError(f"PANDA_HEARTBEAT_TIMEOUT_S must be a positive integer, got {text!r}")
+  return seconds
 
 
 # ----------------------------------------------------------------------------- generator
@@ -251,13 +360,24 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+  """Waits for every process (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def output_dir(out: Optional[str]) -> str:
   """`out` as an absolute path, created (by process 0)."""
   if not out:
     raise ValueError("--out is required (the output directory)")
   out = os.path.abspath(out)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out={out} is a file, not a directory")
   if is_writer():
     os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+      raise ValueError(f"--out={out} is not writable")
+  barrier("output_dir")
   return out
 
 
@@ -316,14 +436,21 @@ def absolute_alpha(config, features, alpha: float) -> float:
 
 
 def part_regions(samples: Samples, parts, grid, part):
-  """The ground-truth regions best matching `part` (index or list), by IoU.
+  """The ground-truth regions a part (index or list of indices) stands for.
+
+  A label belongs to part k when k is its best-matching part by IoU
+  (`parts_eval.best_part_iou`); a part that is no label's best match stands
+  for the label it overlaps most.
 
   Returns:
     `(masks [n, H, W] float32, label names)`.
   """
-  _, _, iou = parts_eval.best_part_iou(parts, samples.labels, len(samples.label_names), grid)
-  wanted = [part] if isinstance(part, (int, np.integer)) else list(part)
-  labels = sorted({int(np.argmax(np.asarray(iou)[:, k])) for k in wanted})
+  _, match, iou = parts_eval.best_part_iou(parts, samples.labels, len(samples.label_names), grid)
+  match, iou = np.asarray(match), np.asarray(iou)
+  labels = set()
+  for k in ([part] if isinstance(part, (int, np.integer)) else part):
+    labels |= set(np.flatnonzero(match == k).tolist()) or {int(np.argmax(iou[:, k]))}
+  labels = sorted(labels)
   return (np.isin(samples.labels, labels).astype(np.float32),
           [samples.label_names[l] for l in labels])
 

@@ -9,7 +9,8 @@ the first `--num_show` samples, and a heat map of every part) and
 running fit is checkpointed in `OUT/checkpoints`: rerunning the same command, or
 with more `--steps`, continues from there. When the generator's images carry
 ground-truth labels (toy faces), metrics.json also holds every label's best
-matching part and its IoU (`panda_jax.parts_eval.best_part_iou`).
+matching part and its IoU (`panda_jax.parts_eval.best_part_iou`), and the best
+IoU any fixed region could reach (`part_iou_bound`).
 """
 from __future__ import annotations
 
@@ -18,42 +19,51 @@ import os
 import shutil
 import time
 
-from absl import app
-from absl import flags
 import numpy as np
 
 import panda_jax as pj
 from experiments import common
 from experiments import figures
+from panda_jax import _checks
 from panda_jax import parts_eval
 
-NAMES = common.SAMPLING + common.DECOMPOSITION + ("num_show", "num_eval")
-
-flags.DEFINE_integer("num_eval", 64, "Samples the parts are scored on against "
-                     "ground-truth labels (when the generator has them).")
+SPEC = common.spec(*common.SAMPLING, *common.DECOMPOSITION, "num_show", num_eval=common.Flag(
+    "integer", 64, "Samples the parts are scored on against ground-truth labels (when the "
+    "generator has them)."))
 
 
 def label_iou(factors, grid, samples: common.Samples) -> dict:
-  """Each ground-truth label's best part and IoU over `samples` (needs labels)."""
-  best, match, _ = parts_eval.best_part_iou(factors.parts, samples.labels,
-                                            len(samples.label_names), grid)
-  return {"part_iou": dict(zip(samples.label_names, np.asarray(best).tolist())),
-          "part_match": dict(zip(samples.label_names, np.asarray(match).tolist()))}
+  """Each ground-truth label's best part and IoU over `samples` (needs labels).
+
+  `part_iou_bound` is the best IoU any fixed region reaches on these samples
+  (`parts_eval.fixed_region_bound`): global parts cannot do better.
+  """
+  num = len(samples.label_names)
+  best, match, _ = parts_eval.best_part_iou(factors.parts, samples.labels, num, grid)
+  bound = parts_eval.fixed_region_bound(samples.labels, num)
+  return {name: dict(zip(samples.label_names, np.asarray(values).tolist()))
+          for name, values in (("part_iou", best), ("part_match", match),
+                               ("part_iou_bound", bound))}
 
 
 def decompose(config):
   """Runs (or resumes) the decomposition: `(factors, layer, metrics)`."""
-  out = common.output_dir(config.out)
   gen = common.load_generator(config.generator)
   layer = common.resolve_layer(gen, config.layer)
   h, w, c = common.feature_shape(gen, layer)
+  _checks.check_ranks(h * w, c, config.rank_c, config.rank_s)
+  out = common.output_dir(config.out)  # Only once the flags are known to be good.
   start = time.time()
   features = common.extract_features(gen, config, layer,
                                      common.local_indices(config.num_samples))
   factors = pj.fit(features, config.rank_c, config.rank_s, steps=config.steps,
                    key=common.keys(config.seed)[1],
                    checkpoint_dir=os.path.join(out, "checkpoints"),
-                   checkpoint_every=config.checkpoint_every)
+                   checkpoint_every=config.checkpoint_every, stop=common.stop_requested)
+  if factors.steps < config.steps:
+    raise common.Stopped(
+        f"at step {factors.steps} of {config.steps}, checkpointed in {out}/checkpoints: "
+        "rerun the same command to resume")
   seconds = time.time() - start
   metrics = dict(final_loss=float(factors.loss_history[-1]) if config.steps else None,
                  steps=factors.steps, seconds=seconds, layer=layer, feature_shape=[h, w, c],
@@ -67,10 +77,12 @@ def decompose(config):
   if shown.labels is not None:
     evaluated = common.images(gen, config, np.arange(config.num_eval))
     metrics.update(label_iou(factors, (h, w), evaluated), num_eval=config.num_eval)
+  target = os.path.join(out, "factors")
   if common.is_writer():
-    target = os.path.join(out, "factors")
     shutil.rmtree(target, ignore_errors=True)
-    pj.save_factors(target, factors)
+  common.barrier("factors")
+  pj.save_factors(target, factors)  # orbax: every process takes part, process 0 writes.
+  if common.is_writer():
     figures.parts_grid(shown.rgb, [("argmax part", factors.parts)], (h, w),
                        os.path.join(out, "parts.png"), heatmaps=np.asarray(factors.parts))
   return factors, layer, common.write_metrics(out, metrics)
@@ -84,7 +96,7 @@ def run(config) -> dict:
 def factors_for(config, gen):
   """`(factors, layer)`: from `--factors`, or a decomposition into OUT/decompose."""
   if not config.factors:
-    sub = common.subconfig(config, NAMES, out=os.path.join(config.out, "decompose"))
+    sub = common.subconfig(config, SPEC, out=os.path.join(config.out, "decompose"))
     factors, layer, _ = decompose(sub)
     return factors, layer
   record = os.path.join(config.factors, "metrics.json")
@@ -104,7 +116,5 @@ def factors_for(config, gen):
   return factors, layer
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

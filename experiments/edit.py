@@ -1,6 +1,7 @@
 """Local edits `Z_i + alpha a_j p_k^T` at a part, a union of parts or a mask (Sec. 3.3.1).
 
     python -m experiments.edit --factors=/tmp/panda --edit=3:5:4 --edit=mask.png:2:3 --out=...
+    python -m experiments.edit --recipe=CARD.json --seeds=0,5 --factors=/tmp/panda --out=...
 
 Each `--edit=PART:APPEARANCE:ALPHA` names where (a part index, indices joined
 by '+' for their union, or a mask file: `.npy`, or a `.png` whose grey level is
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
 import numpy as np
 from matplotlib import image as mpimg
 
 from experiments import common
 from experiments import decompose
 from panda_jax import generator_ops
+from panda_jax import recipes
 from panda_jax import viz
 
-flags.DEFINE_multi_string("edit", ["0:0:3"], "PART:APPEARANCE:ALPHA, PART a part index, "
-                          "indices joined by '+', or a mask file (.npy or .png); repeatable.")
-
-NAMES = common.WITH_FACTORS + ("edit", "relative_alpha")
+SPEC = common.spec(*common.WITH_FACTORS, "relative_alpha", edit=common.Flag(
+    "multi_string", ["0:0:3"], "PART:APPEARANCE:ALPHA, PART a part index, indices joined by "
+    "'+', or a mask file (.npy or .png); repeatable."),
+    recipe=common.Flag("string", None, "A recipe card (JSON, `panda_jax.recipes`) to replay "
+                       "instead of --edit; refused unless --generator and the factors are "
+                       "the ones it was made with. Its samples come from its own stream."),
+    seeds=common.Flag("list", None, "With --recipe: the seeds (sample indices of the card's "
+                      "stream) to replay on; default the card's."))
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -75,8 +79,32 @@ def region(part, samples: common.Samples, parts, grid):
   return common.part_regions(samples, parts, grid, part)
 
 
+def replay(config) -> dict:
+  """Replays `--recipe` on `--seeds`: `OUT/replay.npz` (raw `originals`, `edited`),
+  `OUT/recipe.png` and metrics.json with the ROIR inside the edit's region."""
+  card = recipes.load(config.recipe)
+  out = common.output_dir(config.out)
+  gen = common.load_generator(config.generator)
+  factors, layer = decompose.factors_for(config, gen)
+  recipes.check_matches(card, recipes.generator_identity(config.generator, gen),
+                        recipes.factors_identity(factors, layer, config.factors))
+  seeds = [int(t) for t in config.seeds] if config.seeds else card["samples"]["seeds"]
+  before, after, (mean, std) = recipes.replay(card, gen, factors, seeds,
+                                              rgb=lambda im: common.split_labels(im).rgb)
+  if common.is_writer():
+    np.savez(os.path.join(out, "replay.npz"), originals=before, edited=after,
+             seeds=np.asarray(seeds))
+    viz.plot_edit(common.split_labels(before).rgb, common.split_labels(after).rgb,
+                  os.path.join(out, "recipe.png"))
+  return common.write_metrics(out, dict(recipe=config.recipe, checksum=card["checksum"],
+                                        seeds=seeds, layer=layer, roir_mean=mean,
+                                        roir_std=std, generator=config.generator))
+
+
 def run(config) -> dict:
   """Runs the edits; returns the metrics written to `OUT/metrics.json`."""
+  if config.recipe:
+    return replay(config)
   out = common.output_dir(config.out)
   gen = common.load_generator(config.generator)
   factors, layer = decompose.factors_for(config, gen)
@@ -103,7 +131,7 @@ def run(config) -> dict:
     if all(r is not None for r in regions):
       mask = np.max([np.broadcast_to(m, before.rgb.shape[:3]) for m, _ in regions], axis=0)
       result.update(common.roir(before.rgb, after.rgb, mask),
-                    region=sorted({n for _, names in regions for n in names}))
+                    region=list(dict.fromkeys(n for _, names in regions for n in names)))
     if common.is_writer():
       viz.plot_edit(before.rgb, after.rgb, os.path.join(out, f"{name}.png"))
     results.append(result)
@@ -111,7 +139,5 @@ def run(config) -> dict:
                                         num_show=config.num_show, edits=results))
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
-import jax.numpy as jnp
 import numpy as np
 
 import panda_jax as pj
@@ -25,9 +22,8 @@ from panda_jax import generator_ops
 from panda_jax import parts_eval
 from panda_jax import viz
 
-flags.DEFINE_list("concepts", ["0", "1", "2", "3"], "Concepts (appearance indices) drawn.")
-
-NAMES = common.WITH_FACTORS + ("concepts",)
+SPEC = common.spec(*common.WITH_FACTORS, concepts=common.Flag(
+    "list", ["0", "1", "2", "3"], "Concepts (appearance indices) drawn."))
 
 
 def run(config) -> dict:
@@ -62,7 +58,5 @@ def run(config) -> dict:
   return common.write_metrics(out, metrics)
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

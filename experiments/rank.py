@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
 
@@ -22,9 +20,8 @@ from experiments import common
 from experiments import decompose
 from panda_jax import viz
 
-flags.DEFINE_integer("top_k", 6, "Samples in each of the top and bottom strips.")
-
-NAMES = common.WITH_FACTORS + ("appearance", "part", "top_k")
+SPEC = common.spec(*common.WITH_FACTORS, "appearance", "part", top_k=common.Flag(
+    "integer", 6, "Samples in each of the top and bottom strips."))
 
 
 def _strip(gen, config, ranking: pj.Ranking, path: str) -> dict:
@@ -61,7 +58,5 @@ def run(config) -> dict:
       part_ranking=_strip(gen, config, local, os.path.join(out, "rank_part.png"))))
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

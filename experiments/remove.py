@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
 import numpy as np
 
 import panda_jax as pj
@@ -24,9 +22,9 @@ from experiments import decompose
 from panda_jax import generator_ops
 from panda_jax import viz
 
-flags.DEFINE_integer("background", None, "The background concept (default: proposed).")
-
-NAMES = common.WITH_FACTORS + ("part", "alpha", "relative_alpha", "background")
+SPEC = common.spec(*common.WITH_FACTORS, "part", "alpha", "relative_alpha",
+                   background=common.Flag("integer", None,
+                                          "The background concept (default: proposed)."))
 
 
 def run(config) -> dict:
@@ -59,7 +57,5 @@ def run(config) -> dict:
   return common.write_metrics(out, metrics)
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
-from absl import flags
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,11 +21,11 @@ from experiments import decompose
 from panda_jax import generator_ops
 from panda_jax import viz
 
-flags.DEFINE_integer("source", 0, "Concept j whose positive mass is moved.")
-flags.DEFINE_integer("target", 1, "Concept k that receives it.")
-flags.DEFINE_float("rewrite_alpha", 1.0, "Strength alpha of Eq. (15).")
-
-NAMES = common.WITH_FACTORS + ("source", "target", "rewrite_alpha")
+SPEC = common.spec(
+    *common.WITH_FACTORS,
+    source=common.Flag("integer", 0, "Concept j whose positive mass is moved."),
+    target=common.Flag("integer", 1, "Concept k that receives it."),
+    rewrite_alpha=common.Flag("float", 1.0, "Strength alpha of Eq. (15)."))
 
 
 def positive_mass(features, appearances, concepts):
@@ -58,7 +56,5 @@ def run(config) -> dict:
   return common.write_metrics(out, metrics)
 
 
-main = common.launch(run, NAMES)
-
 if __name__ == "__main__":
-  app.run(main)
+  common.main(run, SPEC)

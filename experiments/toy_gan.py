@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -83,49 +84,45 @@ class TrainState(NamedTuple):
 # --- Generator: equalised-lr parameterisation of the Flax port ---------------
 
 
-def _gain(path: tuple[str, ...], shape, cfg: GanConfig) -> tuple[float, float]:
-  """`(gain, raw initial value or 0 for N(0, 1))` of the stored parameter at `path`."""
+def _gain(path: tuple[str, ...], shape, cfg: GanConfig) -> float:
+  """Equalised-lr gain of the generator parameter at `path`: `stored = raw * gain`."""
   name = path[-1]
   if path[0] == "mapping":
     lr = cfg.mapping_lr_mul
-    return (lr / np.sqrt(shape[0]), 1 / lr) if name == "kernel" else (lr, 0.0)
-  if path[-2] == "affine":  # Styles; ToRGB's 1 / sqrt(in) weight gain is folded in.
-    to_rgb = 1 / np.sqrt(shape[-1]) if path[0 if len(path) < 3 else 1].startswith("torgbs") else 1
-    return ((to_rgb / np.sqrt(shape[0]), 1.0) if name == "kernel" else (to_rgb, 1.0))
+    return lr / np.sqrt(shape[0]) if name == "kernel" else lr
+  if path[-2] == "affine":  # Styles; ToRGB's weight gain 1 / sqrt(in) is folded in.
+    to_rgb = 1 / np.sqrt(shape[-1]) if path[1].startswith("torgbs") else 1.0
+    return to_rgb / np.sqrt(shape[0]) if name == "kernel" else to_rgb
   if name == "weight":  # [k, k, i, o]
-    return 1 / np.sqrt(np.prod(shape[:3])), 1.0
-  if name == "const":
-    return 1.0, 1.0
-  return 1.0, 0.0  # Biases.
+    return 1 / np.sqrt(np.prod(shape[:3]))
+  return 1.0  # Biases and the constant input.
 
 
-def _gain_tree(cfg: GanConfig, shapes, fn):
-  def walk(tree, path):
-    if isinstance(tree, dict):
-      return {k: walk(v, path + (k,)) for k, v in tree.items() if k != "w_avg"}
-    return fn(path, tree.shape)
-  return walk(shapes, ())
+def _init(key, path: tuple[str, ...], shape, cfg: GanConfig):
+  """Raw initial value: `N(0, 1) / lr_mul` weights and constant input, style biases 1, biases 0."""
+  if path[-1] in ("kernel", "weight", "const"):
+    lr = cfg.mapping_lr_mul if path[0] == "mapping" else 1.0
+    key = jax.random.fold_in(key, zlib.crc32("/".join(path).encode()))
+    return jax.random.normal(key, shape, jnp.float32) / lr
+  return jnp.full(shape, 1.0 if path[-2] == "affine" else 0.0, jnp.float32)
+
+
+def _map_raw(fn, cfg: GanConfig):
+  """`fn(path, shape)` over the generator's parameters except `mapping/w_avg`."""
+  shapes = stylegan2.param_shapes(cfg.generator())
+  shapes = {**shapes, "mapping": {k: v for k, v in shapes["mapping"].items() if k != "w_avg"}}
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: fn(tuple(k.key for k in path), s.shape), shapes)
 
 
 def generator_gains(cfg: GanConfig) -> Any:
   """Equalised-lr gains per raw generator parameter (`stored = raw * gain`)."""
-  shapes = stylegan2.param_shapes(cfg.generator())
-  return _gain_tree(cfg, shapes, lambda p, s: np.float32(_gain(p, s, cfg)[0]))
+  return _map_raw(lambda path, shape: np.float32(_gain(path, shape, cfg)), cfg)
 
 
 def init_generator(key, cfg: GanConfig) -> Any:
-  """Raw generator parameters: `N(0, 1) / lr_mul` weights, unit style biases, zero biases."""
-  shapes = stylegan2.param_shapes(cfg.generator())
-  leaves = []
-
-  def init(path, shape):
-    scale = _gain(path, shape, cfg)[1]
-    leaves.append(None)
-    if path[-1] in ("kernel", "weight", "const"):
-      sub = jax.random.fold_in(key, len(leaves))
-      return scale * jax.random.normal(sub, shape, jnp.float32)
-    return jnp.full(shape, scale if path[-2:-1] == ("affine",) else 0.0, jnp.float32)
-  return _gain_tree(cfg, shapes, init)
+  """Raw (unit-scale) generator parameters, without `w_avg`."""
+  return _map_raw(lambda path, shape: _init(key, path, shape, cfg), cfg)
 
 
 def stored_params(raw, w_avg, cfg: GanConfig) -> Any:
@@ -225,9 +222,9 @@ def init_state(key, cfg: GanConfig) -> TrainState:
   d = Discriminator(cfg).init(d_key, jnp.zeros((4, cfg.resolution, cfg.resolution,
                                                 cfg.channels)))["params"]
   opt = optimizer(cfg)
-  return TrainState(step=jnp.zeros((), jnp.int32), g_params=g, g_ema=jax.tree.map(jnp.copy, g),
-                    d_params=d,
-                    g_opt=opt.init(g), d_opt=opt.init(d),
+  return TrainState(step=jnp.zeros((), jnp.int32), g_params=g,
+                    g_ema=jax.tree.map(jnp.copy, g),  # Own buffers: train_step donates.
+                    d_params=d, g_opt=opt.init(g), d_opt=opt.init(d),
                     w_avg=jnp.zeros((cfg.w_dim,), jnp.float32))
 
 
@@ -238,7 +235,7 @@ def d_loss_fn(d_params, g_params, w_avg, reals, z, cfg: GanConfig, r1: bool):
   """
   disc = lambda x: Discriminator(cfg).apply({"params": d_params}, x)  # [n]
   fakes, _ = generate(g_params, w_avg, z, cfg)
-  fake_logits = disc(jax.lax.stop_gradient(fakes))
+  fake_logits = disc(fakes)
   if r1:
     real_logits, vjp = jax.vjp(disc, reals)
     grads, = vjp(jnp.ones_like(real_logits))  # grad of sum(D(x)) w.r.t. x: [n, r, r, ch]

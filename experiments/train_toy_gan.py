@@ -1,7 +1,10 @@
 """Trains the embedded toy-faces StyleGAN2 (RGB + one label channel per part).
 
-    python -m experiments.train_toy_gan --out=/tmp/toyfaces --steps=2400 \
-        --export=panda_jax/assets/toyfaces
+    python -m experiments.train_toy_gan --out=/tmp/toyfaces --steps=2271 \
+        --sample_every=200 --export=/tmp/toyfaces_generator
+
+(the shipped `panda_jax/assets/toyfaces` is that export: 2271 steps of 32 images,
+seed 0, default flags; `/work/notes/TOYFACES_READY.md` has the timings.)
 
 Writes `OUT/config.json`, orbax checkpoints of the whole `TrainState` in
 `OUT/checkpoints/`, `OUT/metrics.jsonl` (one line per `--log_every` steps) and
@@ -89,20 +92,23 @@ def _check_config(out: str, cfg: toy_gan.GanConfig, seed: int) -> None:
       json.dump(record, f, indent=1)
 
 
-def save_samples(path: str, state: toy_gan.TrainState, cfg: toy_gan.GanConfig, z) -> None:
-  """A grid of EMA samples: each RGB image next to its argmax label map."""
-  images, _ = jax.jit(toy_gan.generate, static_argnames="cfg")(state.g_ema, state.w_avg, z,
-                                                                cfg=cfg)
+def write_grid(path: str, images, cols: int = 4, zoom: int = 1) -> None:
+  """Writes generator output `[n, r, r, 3 + P]` as a PNG grid of (RGB, label map) pairs.
+
+  `zoom` enlarges every pixel to `zoom x zoom` (nearest neighbour).
+  """
   rgb, probs = toyfaces.split_channels(np.asarray(images))
   pairs = np.concatenate([np.clip((rgb + 1) / 2, 0, 1),
                           toyfaces.colourise(probs.argmax(-1))], axis=2)  # [n, r, 2r, 3]
-  cols = 4
   rows = -(-len(pairs) // cols)
   pairs = np.concatenate([pairs, np.ones((rows * cols - len(pairs),) + pairs.shape[1:])])
   r, w = pairs.shape[1:3]
-  grid = pairs.reshape(rows, cols, r, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * r,
-                                                                             cols * w, 3)
+  grid = pairs.reshape(rows, cols, r, w, 3).transpose(0, 2, 1, 3, 4)
+  grid = grid.reshape(rows * r, cols * w, 3).repeat(zoom, axis=0).repeat(zoom, axis=1)
   plt.imsave(path, grid)
+
+
+_generate = jax.jit(toy_gan.generate, static_argnames="cfg")
 
 
 def train(out: str, cfg: toy_gan.GanConfig, *, steps: int, seed: int = 0,
@@ -136,31 +142,32 @@ def train(out: str, cfg: toy_gan.GanConfig, *, steps: int, seed: int = 0,
       state, m = toy_gan.train_step(state, reals, jax.random.fold_in(train_key, step),
                                     cfg=cfg, r1=r1)
       done = step + 1
-      if r1 or done % log_every == 0 or done == steps:
+      timeout = max_minutes is not None and time.time() - start > 60 * max_minutes
+      last = done == steps or timeout
+      if r1 or done % log_every == 0 or last:
         m = {k: float(v) for k, v in m.items()}
         if not all(np.isfinite(list(m.values()))):
           raise FloatingPointError(f"non-finite losses at step {done}: {m}")
         if not r1:
           m.pop("r1")
-        metrics.update(m)
-      if done % log_every == 0 or done == steps:
-        elapsed = time.time() - start
-        record = dict(step=done, seconds=round(elapsed, 2), **metrics)
+        metrics.update(m)  # The latest value of each, R1 from the latest R1 step.
+      if done % log_every == 0 or last:
+        record = dict(step=done, seconds=round(time.time() - start, 2), **metrics)
         log.write(json.dumps(record) + "\n")
         log.flush()
         bar.set_postfix(g=f"{metrics['g_loss']:.3f}", d=f"{metrics['d_loss']:.3f}")
       bar.update(1)
-      timeout = max_minutes is not None and time.time() - start > 60 * max_minutes
-      if done % checkpoint_every == 0 or done == steps or timeout:
+      if done % checkpoint_every == 0 or last:
         manager.save(done, args=ocp.args.StandardSave(state))
-      if done % sample_every == 0 or done == steps or timeout:
-        save_samples(os.path.join(out, f"samples_{done:06d}.png"), state, cfg, z_show)
+      if done % sample_every == 0 or last:
+        images, _ = _generate(state.g_ema, state.w_avg, z_show, cfg=cfg)
+        write_grid(os.path.join(out, f"samples_{done:06d}.png"), images)
       if timeout:
         logging.info("stopping after %.1f minutes at step %d", max_minutes, done)
         break
   manager.wait_until_finished()
   manager.close()
-  if export is not None and int(state.step) >= steps:
+  if export is not None:
     toy_gan.export(state, cfg, export, steps=int(state.step), seed=seed,
                    images=int(state.step) * cfg.batch_size)
   return state

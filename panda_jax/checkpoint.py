@@ -61,8 +61,13 @@ class FitCheckpoints:
   def save(self, step: int, state: "decomposition.FitState", history: np.ndarray) -> None:
     item = {"state": jax.tree.map(np.asarray, state._asdict()),
             "history": np.asarray(history, np.float64)}
-    self._manager.save(step, args=ocp.args.StandardSave(item))
-    self._manager.wait_until_finished()
+    try:
+      self._manager.save(step, args=ocp.args.StandardSave(item))
+      self._manager.wait_until_finished()
+    except (OSError, ValueError, RuntimeError) as err:  # tensorstore reports as ValueError.
+      raise OSError(f"could not write the checkpoint of step {step} to "
+                    f"{self._manager.directory} (the previous one is intact): "
+                    f"{' '.join(str(err).split())[:300]}") from err
 
   def restore(self, template: "decomposition.FitState"):
     """`(state, history)` of the newest checkpoint; `template` fixes the structure."""

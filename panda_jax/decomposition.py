@@ -357,7 +357,8 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
         parts_init: str = "kmeans", appearances=None, parts=None, chunk_size: int = 50,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
         num_devices: Optional[int] = None, progress: bool = True,
-        search: pgd.LineSearch = pgd.LineSearch()) -> Factors:
+        search: pgd.LineSearch = pgd.LineSearch(),
+        stop: Optional[Callable[[], bool]] = None) -> Factors:
   """Learns appearances `A` and parts `P >= 0` by Algorithm 1.
 
   Args:
@@ -380,6 +381,9 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     num_devices: local devices to shard the batch over (default: all).
     progress: show a progress bar.
     search: backtracking constants of the adaptive step.
+    stop: polled between steps (between compiled chunks for a fixed batch); when
+      it returns True, `fit` checkpoints (with `checkpoint_dir`) and returns the
+      factors reached, `Factors.steps < steps`: how a launcher honours SIGTERM.
 
   Returns:
     `Factors(appearances [c, r_c], parts [s, r_s], loss_history [steps], ...)`.
@@ -405,9 +409,12 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   if devices > jax.local_device_count():
     raise ValueError(f"num_devices={devices} but only {jax.local_device_count()} local devices")
 
-  prepare = (lambda z: _shard(z, devices)) if devices > 1 else (lambda z: z)
+  # pmap whenever the sums span more than one device: several local devices, or
+  # several processes (then pmap's psum runs over the devices of every process).
+  parallel = devices > 1 or jax.process_count() > 1
+  prepare = (lambda z: _shard(z, devices)) if parallel else (lambda z: z)
   z = prepare(first)
-  if devices > 1:
+  if parallel:
     state = _pmapped("init", (rank_c, rank_s, parts_init, config))(z, init_key, appearances, parts)
   else:
     state = _jit_init(z, init_key, appearances, parts, rank_c=rank_c, rank_s=rank_s,
@@ -424,12 +431,13 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   chunk = max(1, chunk)
 
   bar = _progress(steps, start, progress)
-  step = start
+  step = last_saved = start
+  stopping = stop if stop is not None else (lambda: False)
   try:
-    while step < steps:
+    while step < steps and not stopping():
       length = min(chunk - step % chunk, steps - step)
       if batches.kind == "fixed":
-        if devices > 1:
+        if parallel:
           state_new, losses = _pmapped("chunk", (length, config))(state, z)
         else:
           state_new, losses = _jit_chunk(state, z, length=length, config=config)
@@ -437,17 +445,20 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
         losses = []
         state_new = state
         for t in range(step, step + length):
+          if t > step and stopping():
+            break
           batch = z if t == 0 else prepare(
               objective.unfold(batches.get(jax.random.fold_in(data_key, t))))
           if t and batch.shape[-2:] != z.shape[-2:]:
             raise ValueError(f"batch at step {t} has shape {tuple(batch.shape)}, "
                              f"expected [..., {z.shape[-2]}, {z.shape[-1]}] (c, s)")
-          if devices > 1:
+          if parallel:
             state_new, value = _pmapped("step", (config,))(state_new, batch)
           else:
             state_new, value = _jit_one_step(state_new, batch, config=config)
           losses.append(value)
         losses = jnp.stack(losses)
+        length = len(losses)
       losses = np.asarray(losses, np.float64)
       _check_finite_run(losses, state_new, step)
       state = state_new
@@ -456,6 +467,9 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       bar.update(length)
       if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
         manager.save(step, state, history[:step])
+        last_saved = step
+    if manager is not None and step != last_saved:  # Stopped early.
+      manager.save(step, state, history[:step])
   finally:
     bar.close()
     if manager is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -91,3 +90,31 @@ def best_part_iou(parts, labels, num_labels: int, grid, method: str = "bilinear"
   iou = iou_matrix(jax.nn.one_hot(assigned, r_s, dtype=jnp.bool_), labels, num_labels)
   return jnp.max(iou, axis=1), jnp.argmax(iou, axis=1).astype(jnp.int32), iou
 
+
+
+def fixed_region_bound(labels, num_labels: int):
+  """The highest pooled IoU any fixed region (one mask for all samples) reaches, per label.
+
+  Global parts give every sample the same masks, so when the labelled regions
+  move from sample to sample no global part can beat this. For label l with
+  frequency `f(x)` (fraction of the n samples labelled l at pixel x), a region
+  M scores `n sum_M f / (sum_i |G_il| + n |M| - n sum_M f)`; at fixed `|M|` the
+  best M holds the `|M|` most frequent pixels, so the bound is the maximum over
+  the sizes of the prefixes of the pixels sorted by frequency.
+
+  Args:
+    labels: int `[n, H, W]`.
+    num_labels: L.
+
+  Returns:
+    `[L]` float32.
+  """
+  labels = jnp.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
+  freq = jnp.mean(jax.nn.one_hot(labels, num_labels, dtype=jnp.float32), axis=0)  # [H, W, L]
+  freq = jnp.reshape(freq, (-1, num_labels))
+  covered = jnp.cumsum(-jnp.sort(-freq, axis=0), axis=0)                          # [HW, L]
+  size = jnp.arange(1, freq.shape[0] + 1, dtype=jnp.float32)[:, None]
+  iou = covered / (jnp.sum(freq, axis=0) + size - covered)
+  return jnp.max(iou, axis=0)

@@ -1,6 +1,6 @@
 """Per-sample refinement of the parts (paper Section 4.2, Eqs. 10-12, Algorithm 2).
 
-For one sample, `P~_i >= 0` (`[s, r_s]`, started at the global parts) descends
+For one sample, `P~_i >= 0` (`[s, r_s]`) descends
 
     L_G = -2 tr(P~^T W_i P~) + tr(P~ P~^T W_i P~ P~^T)                  (Eq. 10)
     dL_G = 2 P~ (P~^T W_i P~) + 2 (W_i P~)(P~^T P~) - 4 W_i P~            (Eq. 11)
@@ -16,10 +16,37 @@ which needs `W_i` only through `W_i P~` (`[s, r_s]`). Two affinities:
   of the Gram matrix is kept, so `k = s - 1` gives back the full Gram matrix, as
   the paper states); `W_i P~` is a gather, O(s k r_s). No `[s, s]` matrix in
   either path.
+
+Two methods:
+
+* `"paper"`: Algorithm 2 as published: T projected gradient steps of Eq. (10)
+  started at the global parts `P`. Eq. (10) only moves parts locally; it does
+  not carry a part across the image, so it fails on samples displaced by more
+  than about a part's width (WORKSPACE.md, refinement: planted parts rolled by
+  up to a quarter of the side, 56% of the samples recovered after 500 steps;
+  toy faces, 22-65% of the oracle's IoU).
+* `"register"` (default): the translation of the global parts that minimises
+  Eq. (10) with the full Gram matrix,
+
+      d_i = argmin_d L_G(X_i^T X_i, Pi_d P),    P~_i = Pi_d P,
+
+  over every circular translation `Pi_d` of the `h x w` grid, evaluated for all
+  `d` at once by FFT cross-correlation: with `Y_d = X_i Pi_d P` (`[r_c, r_s]`,
+  the paper's `Y_i` of Eq. 12) and `Pi_d` a permutation,
+  `L_G(d) = <Y_d^T Y_d, P^T P - 2 I>`, and `Y_d` for every `d` takes `r_c r_s`
+  cross-correlations (O(r_c r_s s log s), no `[s, s]` matrix). For the exact
+  model of Eq. (1) with disjoint parts (orthonormal `P`) the true translation
+  is the minimiser (Jensen's inequality on `||Y_d||^2`). Optionally
+  (`steps > 0`) Eq. (10) then descends from `P~_i`, with either affinity,
+  until one step lowers it by less than `tol` of its value. By default it does
+  not: on the toy-faces GAN these steps (full Gram) gain up to 0.14 IoU per
+  part at 16x16 but lose up to 0.014 at 8x8, and with the 8-NN graph lose up to
+  0.15 (WORKSPACE.md, refinement); try `steps=50` on a layer where they help.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import math
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +54,9 @@ import numpy as np
 
 from panda_jax import _checks, pgd
 
+METHODS = ("register", "paper")
+_DEFAULT_STEPS = {"register": 0, "paper": 50}  # Measured: WORKSPACE.md, refinement.
+_REGISTER_TOL = 1e-2
 _MAX_GRAPH_POSITIONS = 65535  # Edge keys j * s + l must fit in uint32.
 
 
@@ -91,15 +121,49 @@ def _gradient(p, wp):
   return 2.0 * p @ (p.T @ wp) + 2.0 * wp @ (p.T @ p) - 4.0 * wp
 
 
-def _refine_one(x, parts, k: Optional[int], steps: int, step_size: Optional[float],
-                search: pgd.LineSearch):
-  """Refines one sample from `x` (`[s, r_c]`, fibres in the appearance basis)."""
-  if k is None:
-    matvec = lambda p: x @ (x.T @ p)                       # Eq. (12): X^T (X P~).
-  else:
-    graph = mutual_knn_graph(x, k)
-    matvec = lambda p: graph_matvec(graph, p)
-  value, wp = _objective(matvec, parts)
+def translation_values(x: jax.Array, parts: jax.Array, grid: tuple[int, int]) -> jax.Array:
+  """Eq. (10) (full Gram matrix) at every circular translation of the parts.
+
+  Args:
+    x: fibres in the appearance basis, `[s, r_c]`.
+    parts: `P`, `[s, r_s]`, `s = h * w` row-major.
+    grid: `(h, w)`.
+
+  Returns:
+    `[h, w]`: entry `(dy, dx)` is `L_G(X^T X, roll(P, (dy, dx)))`, the parts
+    rolled down by `dy` rows and right by `dx` columns.
+  """
+  h, w = grid
+  r_s = parts.shape[1]
+  fx = jnp.fft.rfft2(x.reshape(h, w, -1), axes=(0, 1))               # [h, w', r_c]
+  fp = jnp.conj(jnp.fft.rfft2(parts.reshape(h, w, r_s), axes=(0, 1)))  # [h, w', r_s]
+
+  def add_channel(yty, fx_r):  # One appearance r: Y_d[r, :] for every d, [h, w, r_s].
+    y = jnp.fft.irfft2(fx_r[:, :, None] * fp, s=(h, w), axes=(0, 1))
+    return yty + y[..., :, None] * y[..., None, :], None
+
+  yty, _ = jax.lax.scan(add_channel, jnp.zeros((h, w, r_s, r_s), x.dtype),
+                        jnp.moveaxis(fx, -1, 0))                        # [h, w, r_s, r_s]
+  return jnp.einsum("hwkl,kl->hw", yty, parts.T @ parts - 2.0 * jnp.eye(r_s, dtype=x.dtype))
+
+
+def _roll(parts, shift, grid):
+  h, w = grid
+  return jnp.roll(parts.reshape(h, w, -1), (shift[0], shift[1]), axis=(0, 1)).reshape(h * w, -1)
+
+
+def _register_one(x, parts, grid):
+  """`(roll(P, d_i) [s, r_s], d_i [2])`, the translation minimising Eq. (10)."""
+  best = jnp.argmin(translation_values(x, parts, grid))
+  shift = jnp.stack(jnp.divmod(best, grid[1])).astype(jnp.int32)
+  return _roll(parts, shift, grid), shift
+
+
+def _descend(matvec, p, x, steps, step_size: Optional[float], search: pgd.LineSearch,
+             tol: Optional[float]):
+  """Projected gradient descent on Eq. (10): `steps` steps, fewer when the
+  relative decrease of one step falls below `tol` (never, when None)."""
+  value, wp = _objective(matvec, p)
   if step_size is None:
     v = jnp.ones((x.shape[0], 1), x.dtype)
     v = jax.lax.fori_loop(0, 10, lambda _, v: (w := matvec(v)) / jnp.maximum(
@@ -109,68 +173,172 @@ def _refine_one(x, parts, k: Optional[int], steps: int, step_size: Optional[floa
     t0 = jnp.asarray(step_size, x.dtype)
   slack = 8.0 * jnp.finfo(x.dtype).eps * jnp.sum(x * x)
 
-  def body(carry, _):
-    p, value, wp, t = carry
+  def cond(carry):
+    i, _, _, _, _, moving = carry
+    return jnp.logical_and(i < steps, moving)
+
+  def body(carry):
+    i, p, value, wp, t, _ = carry
     grad = _gradient(p, wp)
     if step_size is None:
-      p, value, wp, t = pgd.backtracking_step(lambda q: _objective(matvec, q), p, value, wp,
-                                              grad, t, pgd.nonnegative, search, slack)
+      p, new_value, wp, t = pgd.backtracking_step(lambda q: _objective(matvec, q), p, value, wp,
+                                                  grad, t, pgd.nonnegative, search, slack)
     else:
       p = pgd.nonnegative(p - t * grad)
-      value, wp = _objective(matvec, p)
-    return (p, value, wp, t), value
+      new_value, wp = _objective(matvec, p)
+    moving = (True if tol is None else
+              value - new_value > tol * jnp.maximum(jnp.abs(value), slack))
+    return i + 1, p, new_value, wp, t, moving
 
-  (p, _, _, _), _ = jax.lax.scan(body, (parts, value, wp, t0), None, length=steps)
+  _, p, _, _, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), p, value, wp, t0, jnp.bool_(True)))
   return p
 
 
-def _refine_batch(z, appearances, parts, k, steps, step_size, search):
+def _refine_one(x, parts, *, method, grid, k, steps, step_size, search, tol):
+  """Refines one sample from `x` (`[s, r_c]`, fibres in the appearance basis)."""
+  if method == "register":
+    parts, shift = _register_one(x, parts, grid)
+  else:
+    shift = jnp.zeros((2,), jnp.int32)
+  if k is None:
+    matvec = lambda p: x @ (x.T @ p)                       # Eq. (12): X^T (X P~).
+  else:
+    graph = mutual_knn_graph(x, k)
+    matvec = lambda p: graph_matvec(graph, p)
+  return _descend(matvec, parts, x, steps, step_size, search, tol), shift
+
+
+def _refine_batch(z, appearances, parts, steps, **options):
   x = jnp.einsum("nsc,cr->nsr", z, appearances)           # [n, s, r_c], fibres in the A basis.
-  return jax.vmap(lambda xi: _refine_one(xi, parts, k, steps, step_size, search))(x)
+  return jax.vmap(lambda xi: _refine_one(xi, parts, steps=steps, **options))(x)
 
 
-_jit_refine = jax.jit(_refine_batch, static_argnames=("k", "steps", "step_size", "search"))
+_STATIC = ("method", "grid", "k", "step_size", "search", "tol")  # `steps` is traced.
+_jit_refine = jax.jit(_refine_batch, static_argnames=_STATIC)
 
 
-def refine(features_i, appearances, parts, *, k: Optional[int] = None, steps: int = 50,
-           step_size: Optional[float] = None,
-           search: pgd.LineSearch = pgd.LineSearch()) -> jax.Array:
-  """Per-sample parts `P~_i` by projected gradient descent on Eq. (10).
+def _grid(features_i, s: int, grid: Optional[Sequence[int]]) -> tuple[int, int]:
+  """The feature grid `(h, w)`: from `[n, h, w, c]` input, `grid`, or a square `s`."""
+  if features_i.ndim == 4:
+    inferred = tuple(features_i.shape[1:3])
+    if grid is not None and tuple(grid) != inferred:
+      raise ValueError(f"grid {tuple(grid)} does not match the features' {inferred}")
+    return inferred
+  if grid is not None:
+    if len(grid) != 2 or math.prod(int(g) for g in grid) != s:
+      raise ValueError(f"grid must be (h, w) with h * w = s = {s}, got {tuple(grid)}")
+    return int(grid[0]), int(grid[1])
+  side = math.isqrt(s)
+  if side * side != s:
+    raise ValueError(f"s = {s} positions is not square: pass [n, h, w, c] features or grid=(h, w) "
+                     "(method='register' translates the parts on the grid)")
+  return side, side
+
+
+def arguments(features_i, appearances, parts, *, method: str = "register",
+              k: Optional[int] = None, steps: Optional[int] = None,
+              step_size: Optional[float] = None,
+              search: pgd.LineSearch = pgd.LineSearch(), tol: Optional[float] = None,
+              grid: Optional[Sequence[int]] = None):
+  """`refine`'s checks (ValueError before any compilation) and the arguments of the
+  jitted batch, `(args, static options, single)`: `_jit_refine(*args, **options)`."""
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  features_i = jnp.asarray(features_i)
+  appearances, parts = jnp.asarray(appearances), jnp.asarray(parts)
+  if features_i.ndim not in (2, 3, 4):
+    raise ValueError(f"features must be [s, c], [n, s, c] or [n, h, w, c], got shape "
+                     f"{tuple(features_i.shape)}")
+  single = features_i.ndim == 2
+  z, _ = _checks.flatten_features(features_i[None] if single else features_i)
+  n, s, c = z.shape
+  _checks.check_factors(z.shape, appearances, parts)
+  if not 1 <= parts.shape[1] <= s:
+    raise ValueError(f"parts must have between 1 and s = {s} columns, got {parts.shape[1]}")
+  if not 1 <= appearances.shape[1] <= c:
+    raise ValueError(f"appearances must have between 1 and c = {c} columns, got "
+                     f"{appearances.shape[1]}")
+  if n < 1:
+    raise ValueError("features hold no sample (n = 0)")
+  if k is not None:
+    if not (isinstance(k, (int, np.integer)) and 1 <= k <= s - 1):
+      raise ValueError(f"k must be None or an integer in [1, s - 1 = {s - 1}], got {k!r}")
+    if s > _MAX_GRAPH_POSITIONS:
+      raise ValueError(f"the mutual-kNN graph supports up to {_MAX_GRAPH_POSITIONS} positions, "
+                       f"got {s}")
+    k = int(k)
+  if steps is None:
+    steps = _DEFAULT_STEPS[method]
+  if not (isinstance(steps, (int, np.integer)) and 0 <= steps < 2**31):
+    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+  if k is not None and steps == 0:
+    raise ValueError(f"k={k} sets the affinity of the Eq. (10) steps, but steps = 0 (the default "
+                     "of method='register'): pass steps > 0, or drop k")
+  if step_size is not None and not (np.isfinite(step_size) and step_size > 0):
+    raise ValueError(f"step_size must be a positive finite float or None, got {step_size!r}")
+  if tol is not None and not (np.isfinite(tol) and tol >= 0):
+    raise ValueError(f"tol must be a non-negative finite float or None, got {tol!r}")
+  if method == "register":
+    grid = _grid(features_i, s, grid)
+    tol = _REGISTER_TOL if tol is None else tol
+  elif grid is not None:
+    raise ValueError("grid is used by method='register' only (method='paper' does not translate)")
+  _checks.check_finite(z, "features")
+  _checks.check_finite(appearances, "appearances")
+  _checks.check_finite(parts, "parts")
+  if _checks.is_concrete(parts) and bool(jnp.any(parts < 0)):
+    raise ValueError("parts must be non-negative (P >= 0)")
+  return ((z, appearances, parts, jnp.int32(steps)),
+          dict(method=method, grid=grid, k=k,
+               step_size=None if step_size is None else float(step_size), search=search,
+               tol=None if tol is None else float(tol)), single)
+
+
+def refine(features_i, appearances, parts, *, method: str = "register", k: Optional[int] = None,
+           steps: Optional[int] = None, step_size: Optional[float] = None,
+           search: pgd.LineSearch = pgd.LineSearch(), tol: Optional[float] = None,
+           grid: Optional[Sequence[int]] = None, return_shifts: bool = False):
+  """Per-sample parts `P~_i` (Section 4.2): the global parts translated onto each
+  sample (default), or Algorithm 2's descent of Eq. (10) (`method="paper"`).
 
   Args:
     features_i: one sample `[s, c]`, or a batch `[n, s, c]` / `[n, h, w, c]`
       (samples refined independently, `vmap`).
     appearances: `A`, `[c, r_c]`.
-    parts: the global parts `P`, `[s, r_s]` (the start, Algorithm 2).
+    parts: the global parts `P`, `[s, r_s]`, `P >= 0`.
+    method: "register" (default; for samples that are not aligned: the
+      translation of `P` minimising Eq. 10, then `steps` steps of Eq. 10) or
+      "paper" (Algorithm 2 as published: `steps` steps of Eq. 10 from `P`).
     k: None for the full Gram matrix (ICLR refinement), or the number of
-      neighbours of the mutual-kNN graph (Algorithm 2), `1 <= k <= s - 1`.
-    steps: projected gradient steps T.
+      neighbours of the mutual-kNN graph (Algorithm 2), `1 <= k <= s - 1`: the
+      affinity of the Eq. (10) steps ("register" translates with the full Gram
+      matrix).
+    steps: projected gradient steps T of Eq. (10); default 50 for "paper", 0
+      for "register".
     step_size: None (adaptive backtracking, non-increasing Eq. 10) or the
       paper's fixed `lambda`.
     search: backtracking constants.
+    tol: stop once one step lowers Eq. (10) by less than `tol` times its value;
+      None: 1e-2 for "register", no stopping rule (exactly T steps) for "paper".
+    grid: `(h, w)` for `[s, c]` / `[n, s, c]` features whose `s` is not square
+      ("register" only).
+    return_shifts: also return the translations `(dy, dx)` found by
+      "register" (zeros for "paper").
 
   Returns:
-    `[s, r_s]` for one sample, `[n, s, r_s]` for a batch.
+    `[s, r_s]` for one sample, `[n, s, r_s]` for a batch (and, with
+    `return_shifts`, int32 `[2]` / `[n, 2]` shifts: the start was
+    `jnp.roll(P.reshape(h, w, r_s), shift, axis=(0, 1))`).
+
+  Raises:
+    ValueError (before any compilation): bad shapes, ranks, k, steps, method,
+      non-finite or negative inputs.
   """
-  features_i = jnp.asarray(features_i)
-  single = features_i.ndim == 2
-  z, _ = _checks.flatten_features(features_i[None] if single else features_i)
-  n, s, c = z.shape
-  _checks.check_factors(z.shape, appearances, parts)
-  if k is not None:
-    if not (isinstance(k, (int, np.integer)) and 1 <= k <= s - 1):
-      raise ValueError(f"k must be None or an integer in [1, s - 1 = {s - 1}], got {k!r}")
-    if s > _MAX_GRAPH_POSITIONS:
-      raise ValueError(f"the mutual-kNN graph supports up to {_MAX_GRAPH_POSITIONS} positions, got {s}")
-    k = int(k)
-  if not (isinstance(steps, (int, np.integer)) and steps >= 0):
-    raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-  if step_size is not None and not (np.isfinite(step_size) and step_size > 0):
-    raise ValueError(f"step_size must be a positive finite float or None, got {step_size!r}")
-  _checks.check_finite(z, "features")
-  _checks.check_finite(parts, "parts")
-  if _checks.is_concrete(parts) and bool(jnp.any(parts < 0)):
-    raise ValueError("parts must be non-negative (P >= 0)")
-  refined = _jit_refine(z, appearances, parts, k=k, steps=int(steps),
-                        step_size=None if step_size is None else float(step_size), search=search)
-  return refined[0] if single else refined
+  args, options, single = arguments(features_i, appearances, parts, method=method, k=k,
+                                    steps=steps, step_size=step_size, search=search, tol=tol,
+                                    grid=grid)
+  refined, shifts = _jit_refine(*args, **options)
+  if single:
+    refined, shifts = refined[0], shifts[0]
+  return (refined, shifts) if return_shifts else refined

@@ -52,3 +52,15 @@ def np_fused_upconv(x, w):
     for b in range(4):
       out[:, :, a:a + 2 * h:2, b:b + 2 * wd:2] += np.einsum("nihw,io->nohw", x, w[:, :, a, b])
   return out[:, :, 1:1 + 2 * h, 1:1 + 2 * wd]
+
+
+def assert_fixture_outputs(gen, io, latents):
+  """Every `features_l`, the `image` and the `edit_image` of a fixture's `io.npz`
+  (NCHW) from `latents`, under the tolerance policy above."""
+  for layer in gen.layers:
+    assert_close(gen.split(latents, layer)[0], io[f"features_{layer}"])
+  assert_close(gen.generate(latents), io["image"])
+  layer = int(io["edit_layer"])
+  x, carry = gen.split(latents, layer)
+  delta = np.transpose(io["edit_delta"], (0, 2, 3, 1))
+  assert_close(gen.resume(x + delta, carry, latents, layer), io["edit_image"])

@@ -5,10 +5,11 @@ torch (pure-Python pickler emitting the globals the real writers emit), so
 tests can build modified or malicious checkpoints from the fixtures.
 
 `converted` / `fixture_generator`: each fixture checkpoint converted by
-`python -m converters` once per test session, and loaded by `generators.load`.
+`python -m converters` once per test session, and loaded by `generators.load`;
+`gen` and `io`: those of the test module's `FAMILY` (e.g. `FAMILY = "pggan"`).
 """
 import collections
-import io
+from io import BytesIO
 import os
 import pickle
 import struct
@@ -142,7 +143,7 @@ class _Writer(pickle._Pickler):  # pylint: disable=protected-access
 
 
 def _dumps(obj, mode, **kw):
-  f = io.BytesIO()
+  f = BytesIO()
   w = _Writer(f, mode, **kw)
   w.dump(obj)
   return f.getvalue(), [st for _, st in w.storages.values()]
@@ -150,7 +151,7 @@ def _dumps(obj, mode, **kw):
 
 def legacy_bytes(obj) -> bytes:
   """A legacy `torch.save` file of `obj` (a storage, or a tree of arrays)."""
-  f = io.BytesIO()
+  f = BytesIO()
   for header in (_MAGIC, 1001, dict(protocol_version=1001, little_endian=True,
                                     type_sizes=dict(short=2, int=4, long=4))):
     pickle.dump(header, f, protocol=2)
@@ -185,6 +186,19 @@ def write_torch_zip(obj, path, root="archive"):
 def write_torch_legacy(obj, path):
   with open(path, "wb") as f:
     f.write(legacy_bytes(obj))
+
+
+@pytest.fixture(scope="module")
+def gen(request, fixture_generator):
+  """The converted fixture generator of the test module's `FAMILY`."""
+  return fixture_generator(request.module.FAMILY)
+
+
+@pytest.fixture(scope="module")
+def io(request):
+  """The fixture arrays (`io.npz`, NCHW) of the test module's `FAMILY`."""
+  with np.load(os.path.join(FIXTURES, request.module.FAMILY, "io.npz")) as f:
+    return dict(f)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from converters.errors import ConversionError
 from panda_jax import generators
 from panda_jax.generators import biggan
 
+FAMILY = "biggan"  # The conftest fixtures `gen` and `io`.
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "biggan")
 # io.npz stores float32(0.4); the package was called with the Python float 0.4
 # (float32(0.4) / 0.02 is not an integer and picks other statistics).
@@ -44,26 +45,15 @@ def assert_close(got, want, name, factor=1e-4):
 
 
 @pytest.fixture(scope="module")
-def io():
-  data = dict(np.load(os.path.join(FIXTURE, "io.npz")))
-  assert np.float32(TRUNCATION) == data["truncation"]
-  return data
-
-
-@pytest.fixture(scope="module")
 def fixture_state():
   return safe_pickle.load(os.path.join(FIXTURE, "pytorch_model.bin"))
-
-
-@pytest.fixture(scope="module")
-def gen(fixture_generator):
-  return fixture_generator("biggan")
 
 
 # ----------------------------------------------------------------------------
 # The fixture: every array of the official code.
 
 def test_fixture_matches_package(gen, io):
+  assert np.float32(TRUNCATION) == io["truncation"]
   assert (gen.arch, gen.z_dim, gen.c_dim, gen.num_layers) == ("biggan", 16, 10, 8)
   lat = gen.latents(io["z"], io["class_vector"], TRUNCATION)
   cond = np.concatenate([lat["z"], lat["embedding"]], axis=1)

@@ -1,20 +1,20 @@
 """The launchers end to end on the StyleGAN2 fixture (converted once per session).
 
-Each launcher runs through `run(config)` on a few samples; one runs as a
-subprocess (`python -m experiments.decompose`) to cover the absl entry point.
+Each launcher runs through `run(config)` on a few samples; the command line
+(`python -m experiments.decompose`, absl flags) is run by
+`test_experiments_multiprocess.py`.
 """
 import json
 import os
-import subprocess
-import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
 import panda_jax as pj
+from panda_jax import parts_eval
+from panda_jax.data import toyfaces
 from experiments import common
 from experiments import decompose
 from experiments import edit
@@ -28,6 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "stylegan2", "network-snapshot.pkl")
 SMALL = dict(layer=3, num_samples=16, batch_size=8, rank_c=4, rank_s=3, steps=6,
              checkpoint_every=3)
+TOYFACES = dict(layer=5, num_samples=128, batch_size=64, rank_c=16, rank_s=8, steps=100,
+                num_eval=64, num_show=2)
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +43,7 @@ def generator_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def decomposed(generator_dir, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("decompose"))
-  metrics = decompose.run(common.make_config(decompose.NAMES, generator=generator_dir, out=out,
+  metrics = decompose.run(common.make_config(decompose.SPEC, generator=generator_dir, out=out,
                                              num_show=2, **SMALL))
   return out, metrics
 
@@ -50,7 +52,7 @@ def _config(module, generator_dir, decomposed, out, **overrides):
   values = dict(generator=generator_dir, factors=decomposed[0], out=str(out), layer=3,
                 num_samples=16, batch_size=8, num_show=2)
   values.update(overrides)
-  return common.make_config(module.NAMES, **values)
+  return common.make_config(module.SPEC, **values)
 
 
 def _read(out):
@@ -78,7 +80,7 @@ def test_decompose_writes_factors_figure_and_metrics(decomposed, generator_dir):
   assert np.all(np.diff(history) <= 1e-6 * history[0])  # adaptive steps never increase Eq. (3)
   # The recorded loss is Eq. (3) of the saved factors on the same samples.
   gen = common.load_generator(generator_dir)
-  cfg = common.make_config(decompose.NAMES, generator=generator_dir, **SMALL)
+  cfg = common.make_config(decompose.SPEC, generator=generator_dir, **SMALL)
   features = common.extract_features(gen, cfg, 3, np.arange(16))
   assert float(pj.loss(features, factors.appearances, factors.parts)) == pytest.approx(
       metrics["final_loss"], rel=1e-4)
@@ -86,7 +88,7 @@ def test_decompose_writes_factors_figure_and_metrics(decomposed, generator_dir):
 
 
 def test_decompose_resumes_to_the_uninterrupted_run(decomposed, generator_dir, tmp_path):
-  config = common.make_config(decompose.NAMES, generator=generator_dir, out=str(tmp_path),
+  config = common.make_config(decompose.SPEC, generator=generator_dir, out=str(tmp_path),
                               num_show=1, **dict(SMALL, steps=3))
   first = decompose.run(config)
   assert first["steps"] == 3
@@ -103,8 +105,8 @@ def test_decompose_resumes_to_the_uninterrupted_run(decomposed, generator_dir, t
 
 def test_samples_do_not_depend_on_batch_size(generator_dir):
   gen = common.load_generator(generator_dir)
-  one = common.make_config(decompose.NAMES, generator=generator_dir, batch_size=1, seed=3)
-  four = common.make_config(decompose.NAMES, generator=generator_dir, batch_size=4, seed=3)
+  one = common.make_config(decompose.SPEC, generator=generator_dir, batch_size=1, seed=3)
+  four = common.make_config(decompose.SPEC, generator=generator_dir, batch_size=4, seed=3)
   np.testing.assert_allclose(common.extract_features(gen, one, 3, [2, 3]),
                              common.extract_features(gen, four, 3, np.arange(5))[2:4],
                              rtol=1e-5, atol=1e-6)
@@ -119,7 +121,17 @@ def test_default_layer_and_bad_generator(generator_dir):
   with pytest.raises(ValueError, match="layer must be in"):
     common.resolve_layer(gen, 9)
   with pytest.raises(ValueError, match="unknown options"):
-    common.make_config(decompose.NAMES, rank=3)
+    common.make_config(decompose.SPEC, rank=3)
+  with pytest.raises(ValueError, match="must be given together"):
+    common.initialize_distributed(common.make_config(decompose.SPEC, num_processes=2))
+
+
+def test_launchers_import_next_to_other_absl_programs():
+  """Launchers define their flags in `common.main` only: importing them next to
+  another program with `--out`/`--steps` flags (the GAN trainer) is fine."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from experiments import train_toy_gan  # noqa: F401  pylint: disable=import-outside-toplevel
+  assert "steps" in flags.FLAGS and "num_show" not in flags.FLAGS
 
 
 def test_edit_part_and_mask(generator_dir, decomposed, tmp_path):
@@ -225,8 +237,9 @@ def test_refine(generator_dir, decomposed, tmp_path):
   metrics = refine.run(_config(refine, generator_dir, decomposed, tmp_path, samples=["0", "5"],
                                knn=4, refine_steps=5))
   assert metrics["samples"] == [0, 5]
+  assert set(metrics["relative_change"]) == {"full Gram", "4-NN", "translated"}
   for change in metrics["relative_change"].values():
-    assert 0 < change < 10
+    assert 0 <= change < 10
   _png(tmp_path / "refine.png")
 
 
@@ -237,17 +250,54 @@ def test_launcher_decomposes_when_no_factors_given(generator_dir, tmp_path):
   assert metrics["layer"] == 3
 
 
-def test_command_line(generator_dir, tmp_path):
-  """The absl entry point: flags parsed, files written; a bad generator exits non-zero."""
-  args = [sys.executable, "-m", "experiments.decompose", f"--generator={generator_dir}",
-          f"--out={tmp_path}", "--layer=2", "--num_samples=8", "--batch_size=8", "--rank_c=3",
-          "--rank_s=2", "--steps=2", "--num_show=1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert done.returncode == 0, done.stderr[-2000:]
-  metrics = _read(tmp_path)
-  assert metrics["steps"] == 2 and metrics["feature_shape"] == [8, 8, 64]
-  assert os.path.isdir(tmp_path / "factors") and os.path.isfile(tmp_path / "parts.png")
-  bad = subprocess.run(args[:3] + ["--generator=/no/such/dir", f"--out={tmp_path / 'x'}"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-  assert bad.returncode != 0 and "unknown generator '/no/such/dir'" in bad.stderr
+# ----------------------------------------------------------------------------- ground truth
+
+
+def _require_toyfaces():
+  try:
+    common.load_generator("toyfaces")
+  except ValueError as err:
+    pytest.skip(f"the embedded toy-faces generator is not available: {err}")
+
+
+def test_toyfaces_parts_match_the_ground_truth(tmp_path):
+  """`decompose` on the shipped generator at its 16x16 layer finds eyes, mouth,
+  hair and background parts (best IoU, parts upsampled, argmax).
+
+  Issue 7 asks for IoU >= 0.5 each, but the toy faces move (translation, scale,
+  rotation, turn) so much that no fixed region reaches 0.5 on the eyes or the
+  mouth (`part_iou_bound`, exact: about 0.49 and 0.45). The thresholds are
+  fractions of that bound, measured 0.89-0.93 (eyes), 0.67-0.71 (hair),
+  0.49-0.51 (background, split over two parts), 0.36-0.38 (mouth, merged with
+  the chin) over seeds 0-2. The metrics are checked against `parts_eval` on
+  independently generated labels, and an edit's ROIR is scored inside the
+  labelled region its part stands for.
+  """
+  _require_toyfaces()
+  metrics = decompose.run(common.make_config(decompose.SPEC, generator="toyfaces",
+                                             out=str(tmp_path), **TOYFACES))
+  assert metrics["feature_shape"][:2] == [16, 16]
+  for name, fraction in (("eyes", 0.75), ("hair", 0.55), ("background", 0.4), ("mouth", 0.25)):
+    assert metrics["part_iou"][name] >= fraction * metrics["part_iou_bound"][name], (
+        name, metrics["part_iou"], metrics["part_iou_bound"])
+  gen = common.load_generator("toyfaces")
+  config = common.make_config(decompose.SPEC, generator="toyfaces", **TOYFACES)
+  samples = common.images(gen, config, np.arange(TOYFACES["num_eval"]))
+  assert samples.rgb.shape[-1] == 3 and samples.label_names == toyfaces.PARTS
+  factors = pj.load_factors(str(tmp_path / "factors"))
+  best, match, _ = parts_eval.best_part_iou(factors.parts, samples.labels, len(toyfaces.PARTS),
+                                            (16, 16))
+  bound = parts_eval.fixed_region_bound(samples.labels, len(toyfaces.PARTS))
+  for t, name in enumerate(toyfaces.PARTS):
+    assert metrics["part_iou"][name] == pytest.approx(float(best[t]), rel=1e-6)
+    assert metrics["part_match"][name] == int(match[t])
+    assert metrics["part_iou"][name] <= metrics["part_iou_bound"][name] + 1e-6
+    assert metrics["part_iou_bound"][name] == pytest.approx(float(bound[t]), rel=1e-6)
+  eyes = metrics["part_match"]["eyes"]
+  edited = edit.run(common.make_config(edit.SPEC, generator="toyfaces", factors=str(tmp_path),
+                                       out=str(tmp_path / "edit"), edit=[f"{eyes}:1:3"],
+                                       layer=5, num_show=2))["edits"][0]
+  _, names = common.part_regions(common.images(gen, config, np.arange(2)), factors.parts,
+                                 (16, 16), eyes)
+  assert "eyes" in names and edited["region"] == names
+  assert 0 < edited["roir_mean"] < 2  # measured 0.9 +- 0.4 over 6 samples

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from _reference import assert_close
+from _reference import assert_fixture_outputs
 from _reference import np_conv
 from _reference import np_fused_upconv
 from _reference import np_lrelu
@@ -25,6 +26,7 @@ from converters import safe_pickle
 from converters.errors import ConversionError
 from panda_jax import generators
 
+FAMILY = "pggan"  # The conftest fixtures `gen` and `io`.
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "pggan")
 
@@ -78,27 +80,9 @@ def synth_pggan(rng, resolution, z_dim, fmaps_base, fmaps_max, fused_scale):
 # --- The official outputs. ---
 
 
-@pytest.fixture(scope="module")
-def io():
-  return dict(np.load(os.path.join(FIXTURE, "io.npz")))
-
-
-@pytest.fixture(scope="module")
-def gen(fixture_generator):
-  return fixture_generator("pggan")
-
-
 def test_fixture_features_image_and_edit(gen, io):
   assert gen.arch == "pggan" and gen.num_layers == 8 and gen.z_dim == 64
-  lat = gen.latents(io["z"])
-  for layer in gen.layers:
-    x, carry = gen.split(lat, layer)
-    assert_close(x, io[f"features_{layer}"])
-  assert_close(gen.generate(lat), io["image"])
-  layer = int(io["edit_layer"])
-  x, carry = gen.split(lat, layer)
-  delta = np.transpose(io["edit_delta"], (0, 2, 3, 1))
-  assert_close(gen.resume(x + delta, carry, lat, layer), io["edit_image"])
+  assert_fixture_outputs(gen, io, gen.latents(io["z"]))
 
 
 def test_latents_are_pixel_normalised_z_and_reject_truncation(gen, io):

@@ -1,6 +1,7 @@
-"""Refinement (Eqs. 10-12, Algorithm 2): the sparse mutual-kNN graph, the
-low-rank gradient against autodiff on the dense affinity, k = s - 1 against the
-full Gram matrix, the paper's fixed-step loop, and planted shifted parts."""
+"""Refinement (Eqs. 10-12, Algorithm 2), method="paper": the sparse mutual-kNN
+graph, the low-rank gradient against autodiff on the dense affinity, k = s - 1
+against the full Gram matrix, the paper's fixed-step loop, and planted shifted
+parts. The default method (unaligned samples): test_refine_unaligned.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,20 +77,20 @@ def test_fixed_step_equals_paper_loop(k):
   z = jax.random.normal(jax.random.PRNGKey(2), (2, 25, 6))
   a = pj.hosvd_init(z, 4)
   p = jax.random.uniform(jax.random.PRNGKey(3), (25, 3))
-  out = pj.refine(z, a, p, k=k, steps=10, step_size=1e-3)
+  out = pj.refine(z, a, p, method="paper", k=k, steps=10, step_size=1e-3)
   for i in range(2):
     np.testing.assert_allclose(out[i], _paper_refinement(z[i], a, p, 1e-3, 10, k),
                                rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(pj.refine(z[1], a, p, k=k, steps=10, step_size=1e-3), out[1],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(pj.refine(z[1], a, p, method="paper", k=k, steps=10, step_size=1e-3),
+                             out[1], rtol=1e-5, atol=1e-6)
 
 
 def test_k_equal_s_minus_one_reproduces_full_gram():
   z = jax.random.normal(jax.random.PRNGKey(4), (3, 36, 8))
   a = pj.hosvd_init(z, 5)
   p = jax.random.uniform(jax.random.PRNGKey(5), (36, 4))
-  full = pj.refine(z, a, p, steps=20)
-  knn = pj.refine(z, a, p, k=35, steps=20)
+  full = pj.refine(z, a, p, method="paper", steps=20)
+  knn = pj.refine(z, a, p, method="paper", k=35, steps=20)
   np.testing.assert_allclose(knn, full, rtol=1e-4, atol=1e-4 * float(jnp.abs(full).max()))
 
 
@@ -100,7 +101,7 @@ def test_adaptive_refinement_decreases_eq10():
   x = z[0] @ a
   values = []
   for steps in (0, 1, 5, 20):
-    q = pj.refine(z[0], a, p, steps=steps)
+    q = pj.refine(z[0], a, p, method="paper", steps=steps)
     values.append(float(refine_lib._objective(lambda v: x @ (x.T @ v), q)[0]))
     assert float(q.min()) >= 0
   assert all(b <= a_ + 1e-5 * abs(values[0]) for a_, b in zip(values, values[1:]))
@@ -119,7 +120,7 @@ def test_refinement_follows_shifted_parts(k, seed):
   shifted = jnp.roll(data.features[:1], 1, axis=2)
   shifted_labels = jnp.roll(data.labels.reshape(8, 8), 1, axis=1).ravel()
   before = synthetic.matched_iou(fitted.parts, shifted_labels)
-  refined = pj.refine(shifted, fitted.appearances, fitted.parts, k=k, steps=100)
+  refined = pj.refine(shifted, fitted.appearances, fitted.parts, method="paper", k=k, steps=100)
   after = synthetic.matched_iou(refined[0], shifted_labels)
   assert after.mean() > before.mean() + 0.2, (before, after)
   assert after.mean() >= 0.9, after

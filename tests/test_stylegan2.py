@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 import converters
+from converters import genforce
+from converters import nvidia
 from converters import safe_pickle
 from converters.errors import ConversionError
 from panda_jax import generators
 from panda_jax.generators import layers
 from panda_jax.generators import stylegan2
 
+FAMILY = "stylegan2"  # The conftest fixture `gen`: converted by `python -m converters`.
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "stylegan2")
 PKL = os.path.join(FIXTURE, "network-snapshot.pkl")
 IO = dict(np.load(os.path.join(FIXTURE, "io.npz")))
@@ -34,12 +37,6 @@ def assert_close(actual, name, expected=None):
   assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
   err = np.abs(actual - expected).max()
   assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g}"
-
-
-@pytest.fixture(scope="module")
-def gen(fixture_generator):
-  """The fixture converted by `python -m converters`, then loaded from disk."""
-  return fixture_generator("stylegan2")
 
 
 @pytest.fixture(scope="module")
@@ -326,3 +323,109 @@ def test_params_are_checked_against_the_config():
   params["synthesis"]["const"] = params["synthesis"]["const"][:2]
   with pytest.raises(ValueError, match="synthesis/const has shape"):
     stylegan2.StyleGAN2(gen.config, params)
+
+
+# --- genforce's StyleGAN2 `.pth`: the fixture renamed into genforce's layout. ---
+
+GENFORCE_LR_MUL = 0.01  # genforce's default mapping_lr_mul.
+
+
+def genforce_state_dict(g):
+  """NVIDIA's G_ema as genforce's `StyleGAN2Generator` stores the same network.
+
+  genforce scales weights at run time (dense and conv: `1 / sqrt(fan_in)`,
+  mapping also `lr_mul`; biases `lr_mul`), adds 1 to the style biases and runs
+  its up-convs' `conv_transpose2d` on the flipped kernel; each stored tensor
+  here is NVIDIA's effective one with those undone.
+  """
+  mods = g.state["_modules"]
+  mapping, syn = mods["mapping"], mods["synthesis"]
+  t = lambda rec, name: nvidia.tensor(rec, name).astype(np.float64)
+  child = nvidia.child
+  sd = {"truncation.w_avg": t(mapping, "w_avg")}
+  for i in range(mapping.state["num_layers"]):
+    fc = child(mapping, f"fc{i}")
+    weight = t(fc, "weight") * fc.state["weight_gain"]  # [out, in]
+    sd[f"mapping.dense{i}.weight"] = weight * np.sqrt(weight.shape[1]) / GENFORCE_LR_MUL
+    sd[f"mapping.dense{i}.bias"] = t(fc, "bias") * fc.state["bias_gain"] / GENFORCE_LR_MUL
+
+  def modconv(name, rec, up=False):
+    affine = child(rec, "affine")
+    style = t(affine, "weight") * affine.state["weight_gain"]  # [in, w_dim]
+    weight = t(rec, "weight")  # [out, in, k, k]
+    if name.startswith("synthesis.layer"):  # Undo genforce's 1 / sqrt(fan_in); for
+      weight = weight * np.sqrt(weight[0].size)  # ToRGB it is NVIDIA's style gain.
+    sd.update({f"{name}.weight": weight[:, :, ::-1, ::-1] if up else weight,
+               f"{name}.style.weight": style * np.sqrt(style.shape[1]),
+               f"{name}.style.bias": t(affine, "bias") * affine.state["bias_gain"] - 1.0,
+               f"{name}.bias": t(rec, "bias")})
+
+  up_filter = np.outer([1, 3, 3, 1], [1, 3, 3, 1])[None, None] / 16.0
+  blocks = [child(syn, f"b{r}") for r in syn.state["block_resolutions"]]
+  sd["synthesis.early_layer.const"] = t(blocks[0], "const")[None]
+  sd["synthesis.upsample.kernel"] = up_filter
+  convs = [child(blocks[0], "conv1")] + [child(b, f"conv{j}") for b in blocks[1:] for j in (0, 1)]
+  for i, rec in enumerate(convs):
+    modconv(f"synthesis.layer{i}", rec, up=i % 2 == 1)
+    sd[f"synthesis.layer{i}.noise_strength"] = t(rec, "noise_strength")
+    sd[f"synthesis.layer{i}.noise"] = t(rec, "noise_const")[None, None]
+    if i % 2:
+      sd[f"synthesis.layer{i}.filter.kernel"] = up_filter
+  for k, block in enumerate(blocks):
+    modconv(f"synthesis.output{k}", child(block, "torgb"))
+  return {k: np.array(v, np.float32) for k, v in sd.items()}  # C order; 0-d stays 0-d.
+
+
+def _genforce_orig(sd):
+  """genforce's 'origin' architecture: the last ToRGB only, no upsampling of images."""
+  last = max(int(k.split(".")[1][len("output"):]) for k in sd if ".output" in k)
+  return {k: v for k, v in sd.items() if "upsample" not in k
+          and not (".output" in k and not k.startswith(f"synthesis.output{last}."))}
+
+
+@pytest.mark.parametrize("architecture", ["skip", "orig"])
+def test_genforce_pth_is_the_same_network(architecture, tmp_path, torch_files, gen, ws):
+  """genforce's names and layouts of the fixture network convert to the NVIDIA
+  pickle's parameters (to float32 rounding) and give the fixture's numbers."""
+  snap = safe_pickle.load(PKL)
+  sd = genforce_state_dict(snap["G_ema"])
+  expected = jax.tree.map(np.asarray, gen.params)
+  if architecture == "orig":
+    sd = _genforce_orig(sd)
+    syn = {k: v for k, v in expected["synthesis"].items() if not k.startswith("torgbs")}
+    expected["synthesis"] = {**syn, "torgbs_0": expected["synthesis"]["torgbs_3"]}
+  path = tmp_path / "stylegan2.pth"
+  torch_files.torch_zip({"generator": genforce_state_dict(snap["G"]),
+                         "generator_smooth": sd}, path)
+  arch, config, params = converters.convert(path)
+  assert (arch, config["architecture"]) == ("stylegan2", architecture)
+  same = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "channels",
+          "mapping_layers", "mapping_features")
+  assert {k: config[k] for k in same} == {k: gen.config[k] for k in same}
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params, expected)
+  converted = generators.base.registered()[arch].from_converted(config, params)
+  assert_close(converted.latents(IO["z"], truncation_psi=float(IO["truncation_psi"])), "ws")
+  image = _nhwc(IO["image"])
+  if architecture == "orig":  # As test_orig_architecture.
+    f = layers.setup_filter([1, 3, 3, 1])
+    image = image - np.asarray(layers.upsample2d(_nhwc(IO["carry_7"]), f))
+  assert_close(converted.generate(ws), "image", image)
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda sd: sd.pop("synthesis.layer3.noise"), "missing tensor synthesis.layer3.noise"),
+    (lambda sd: sd.update({"mapping.label_weight": np.ones((5, 64), np.float32)}),
+     "conditional"),
+    (lambda sd: sd.update({"synthesis.layer1.filter.kernel": np.ones((1, 1, 4, 4),
+                                                                     np.float32)}),
+     r"\[1, 3, 3, 1\] upsampling filter"),
+    (lambda sd: sd.update({"synthesis.skip_layer0.weight": np.ones((4, 4, 1, 1),
+                                                                  np.float32)}),
+     "unexpected tensor"),
+])
+def test_genforce_pth_conversion_is_strict(edit, reason):
+  sd = genforce_state_dict(safe_pickle.load(PKL)["G_ema"])
+  edit(sd)
+  with pytest.raises(ConversionError, match=reason):
+    genforce.convert_state_dict(sd)

@@ -28,26 +28,16 @@ from converters import stylegan3 as convert_sg3
 from panda_jax import generators
 from panda_jax.generators import stylegan3
 
+FAMILY = "stylegan3"  # The conftest fixtures `gen` and `io`.
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 PICKLE = os.path.join(FIXTURES, "stylegan3", "network-snapshot.pkl")
 TOL = 1e-4  # x max_abs of each array (fixture README).
 
 
 @pytest.fixture(scope="module")
-def io():
-  with np.load(os.path.join(FIXTURES, "stylegan3", "io.npz")) as f:
-    return dict(f)
-
-
-@pytest.fixture(scope="module")
 def meta():
   with open(os.path.join(FIXTURES, "stylegan3", "meta.json")) as f:
     return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def gen(fixture_generator):
-  return fixture_generator("stylegan3")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from _reference import assert_close
+from _reference import assert_fixture_outputs
 from _reference import np_conv
 from _reference import np_fused_upconv
 from _reference import np_lrelu
@@ -23,6 +24,7 @@ from converters import safe_pickle
 from converters.errors import ConversionError
 from panda_jax import generators
 
+FAMILY = "stylegan"  # The conftest fixtures `gen` and `io`.
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "stylegan")
 
@@ -120,16 +122,6 @@ def synth_stylegan(rng, resolution, z_dim, w_dim, mapping_layers, mapping_fmaps,
 
 
 @pytest.fixture(scope="module")
-def io():
-  return dict(np.load(os.path.join(FIXTURE, "io.npz")))
-
-
-@pytest.fixture(scope="module")
-def gen(fixture_generator):
-  return fixture_generator("stylegan")
-
-
-@pytest.fixture(scope="module")
 def wp(gen, io):
   return gen.latents(io["z"], truncation_psi=float(io["trunc_psi"]),
                      truncation_cutoff=int(io["trunc_layers"]))
@@ -145,14 +137,7 @@ def test_fixture_mapping_and_truncation(gen, io, wp):
 
 
 def test_fixture_features_image_and_edit(gen, io, wp):
-  for layer in gen.layers:
-    x, carry = gen.split(wp, layer)
-    assert_close(x, io[f"features_{layer}"])
-  assert_close(gen.generate(wp), io["image"])
-  layer = int(io["edit_layer"])
-  x, carry = gen.split(wp, layer)
-  delta = np.transpose(io["edit_delta"], (0, 2, 3, 1))
-  assert_close(gen.resume(x + delta, carry, wp, layer), io["edit_image"])
+  assert_fixture_outputs(gen, io, wp)
 
 
 def test_resume_of_split_is_generate_with_random_noise(gen, wp):

@@ -14,7 +14,7 @@ every shape choice is drawn independently. Images are rendered at `supersample`
 times the resolution and box-filtered, so edges are anti-aliased; `soft` is the
 area fraction of each part in each pixel and `labels` its argmax.
 
-    batch = toyfaces.sample(np.random.default_rng(0), 16)
+    batch = toyfaces.sample(0, 16)  # seed 0 (or a np.random.Generator)
     batch.images  # [16, 32, 32, 3] in [-1, 1]
     batch.labels  # [16, 32, 32] int32 indices into PARTS
 """
@@ -62,10 +62,11 @@ class Batch(NamedTuple):
   soft: np.ndarray    # [n, h, w, P] float32, area fraction of each part (sums to 1).
 
 
-def sample_params(rng: np.random.Generator, n: int) -> FaceParams:
-  """Draws `n` independent faces' layouts and appearances."""
+def sample_params(rng: int | np.random.Generator, n: int) -> FaceParams:
+  """Draws `n` independent faces' layouts and appearances (`rng`: a seed or a Generator)."""
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"n must be a positive int, got {n!r}")
+  rng = np.random.default_rng(rng)
   u = lambda lo, hi, *shape: rng.uniform(lo, hi, (n,) + shape)
   skin_tone = u(0, 1)[:, None]
   skin = ((1 - skin_tone) * np.array([0.96, 0.80, 0.68]) + skin_tone * np.array([0.42, 0.27, 0.18])
@@ -90,7 +91,7 @@ def _ellipse(u, v, cu, cv, a, b):
 
 
 def _col(c):
-  return c[:, None, None, :]  # [n, 3] -> [n, 1, 1, 3]
+  return np.asarray(c, np.float32)[:, None, None, :]  # [n, 3] -> [n, 1, 1, 3]
 
 
 def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Batch:
@@ -101,8 +102,8 @@ def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Ba
     raise ValueError(f"supersample must be a positive int, got {supersample!r}")
   p = params
   n, hi = p.scale.shape[0], resolution * supersample
-  col = lambda a: np.asarray(a, np.float64).reshape(n, 1, 1)
-  grid = (np.arange(hi) + 0.5) / hi
+  col = lambda a: np.asarray(a, np.float32).reshape(n, 1, 1)
+  grid = ((np.arange(hi) + 0.5) / hi).astype(np.float32)
   x, y = grid[None, None, :], grid[None, :, None]  # [1, 1, hi], [1, hi, 1]
   # Head frame: undo translation, rotation and scale.
   dx, dy = x - col(p.center[:, 0]), y - col(p.center[:, 1])
@@ -115,48 +116,55 @@ def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Ba
   ramp = np.where(col(p.stripes),
                   0.5 + 0.5 * np.sin(2 * np.pi * col(p.frequency) * proj + col(p.phase)),
                   np.clip(proj / np.sqrt(2), 0, 1))
-  image = (_col(p.background[:, 0]) * (1 - ramp[..., None])
-           + _col(p.background[:, 1]) * ramp[..., None])  # [n, hi, hi, 3]
-  labels = np.zeros((n, hi, hi), np.int32)
+  # Painter's algorithm on indices: `layer` is the last paint op covering each
+  # pixel (0: background); colours are gathered once at the end.
+  layer = np.zeros((n, hi, hi), np.int8)
+  ops = [(0, np.zeros((n, 3), np.float32))]  # (part, colour [n, 3]) per paint op.
 
   def paint(mask, part, colour):
-    nonlocal image
-    labels[mask] = PARTS.index(part)
-    image = np.where(mask[..., None], colour, image)
+    ops.append((PARTS.index(part), np.asarray(colour, np.float32)))
+    np.putmask(layer, mask, len(ops) - 1)
 
   face = _ellipse(u, v, 0, 0, 0.25, 0.30)
   fringe = face & (v < col(p.fringe) + 0.03 * np.sin(12 * u))  # Wavy hairline.
   paint((_ellipse(u, v, 0, -0.05, 0.31, 0.34) & (v < col(p.hair_length))) | fringe,
-        "hair", _col(p.hair))
-  paint(face & ~fringe, "skin", _col(p.skin))
-  paint(_ellipse(u, v, 0.06 * t, 0.07, 0.035, 0.05), "nose", _col(p.nose))
+        "hair", p.hair)
+  paint(face & ~fringe, "skin", p.skin)
+  paint(_ellipse(u, v, 0.06 * t, 0.07, 0.035, 0.05), "nose", p.nose)
   for side in (-1, 1):
     cu, cv = side * 0.11 + 0.05 * t, -0.03
     a = 0.08 * (1 + 0.2 * side * t)
     eye_open = _ellipse(u, v, cu, cv, a, 0.065) & col(p.eyes_open).astype(bool)
     eye_shut = _ellipse(u, v, cu, cv + 0.01, a, 0.03) & ~col(p.eyes_open).astype(bool)
     iris = eye_open & _ellipse(u, v, cu + col(p.gaze[:, 0]), cv + col(p.gaze[:, 1]), 0.045, 0.045)
-    paint(eye_open, "eyes", _col(p.sclera))
-    paint(iris, "eyes", _col(p.iris))
-    paint(eye_shut, "eyes", _col(p.eyelid))
+    paint(eye_open, "eyes", p.sclera)
+    paint(iris, "eyes", p.iris)
+    paint(eye_shut, "eyes", p.eyelid)
   mu, mv, shape = 0.04 * t, 0.175, col(p.mouth)
   closed = _ellipse(u, v, mu, mv, 0.10, 0.035) & (shape == 0)
   smile = _ellipse(u, v, mu, mv - 0.02, 0.11, 0.08) & (v > mv - 0.02) & (shape == 1)
   opened = _ellipse(u, v, mu, mv, 0.08, 0.065) & (shape == 2)
-  paint(closed | smile, "mouth", _col(p.lips))
-  paint(opened, "mouth", _col(p.lips * 0.35))
+  paint(closed | smile, "mouth", p.lips)
+  paint(opened, "mouth", p.lips * 0.35)
+
+  colours = np.stack([c for _, c in ops], axis=1)  # [n, ops, 3]
+  painted = np.take_along_axis(colours, layer.reshape(n, -1, 1).astype(np.intp), axis=1)
+  background = (_col(p.background[:, 0]) * (1 - ramp[..., None])
+                + _col(p.background[:, 1]) * ramp[..., None])  # [n, hi, hi, 3]
+  image = np.where((layer == 0)[..., None], background, painted.reshape(n, hi, hi, 3))
+  labels = np.array([part for part, _ in ops], np.int32)[layer]  # [n, hi, hi]
 
   # Box filter down to the output resolution.
   k, r = supersample, resolution
   image = image.reshape(n, r, k, r, k, 3).mean(axis=(2, 4))
-  onehot = labels[..., None] == np.arange(len(PARTS))
+  onehot = (labels[..., None] == np.arange(len(PARTS))).astype(np.float32)
   soft = onehot.reshape(n, r, k, r, k, len(PARTS)).mean(axis=(2, 4))
   return Batch(images=(2 * image - 1).astype(np.float32),
                labels=np.argmax(soft, axis=-1).astype(np.int32),
                soft=soft.astype(np.float32))
 
 
-def sample(rng: np.random.Generator, n: int, resolution: int = 32,
+def sample(rng: int | np.random.Generator, n: int, resolution: int = 32,
            supersample: int = 2) -> Batch:
   """`n` random faces: `render(sample_params(rng, n), resolution, supersample)`."""
   return render(sample_params(rng, n), resolution, supersample)

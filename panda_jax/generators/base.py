@@ -27,6 +27,9 @@ FORMAT = "panda_jax.converted/1"
 
 _REGISTRY: dict[str, type["Generator"]] = {}
 
+PACKAGED = {"toyfaces": "assets/toyfaces"}
+"""Generators shipped with the package: name -> directory under `panda_jax/`."""
+
 
 class Generator(abc.ABC):
   """A pretrained generator split into `latents -> split -> resume`.
@@ -148,6 +151,9 @@ def save_converted(dst: str | os.PathLike, arch: str, config: dict,
                          args=ocp.args.PyTreeSave(params))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(text + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; give it a normal directory's mode.
     os.replace(tmp, dst)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -155,9 +161,20 @@ def save_converted(dst: str | os.PathLike, arch: str, config: dict,
   return dst
 
 
+def resolve(path: str | os.PathLike) -> str:
+  """The directory of a packaged generator's name (`PACKAGED`), else `path` itself.
+
+  Names win over relative paths: write `./toyfaces` for a directory of that name.
+  """
+  if isinstance(path, str) and path in PACKAGED:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, PACKAGED[path])
+  return os.path.abspath(os.fspath(path))
+
+
 def load_converted(path: str | os.PathLike) -> tuple[str, dict, Any]:
-  """Reads `(arch, config, params)` from a converted checkpoint directory."""
-  path = os.path.abspath(os.fspath(path))
+  """Reads `(arch, config, params)` from a converted checkpoint directory or packaged name."""
+  path = resolve(path)
   cfg_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise ValueError(f"{path} is not a converted checkpoint (no {CONFIG_FILE}); "
@@ -172,7 +189,7 @@ def load_converted(path: str | os.PathLike) -> tuple[str, dict, Any]:
 
 
 def load(path: str | os.PathLike) -> Generator:
-  """Loads a converted checkpoint directory as its registered `Generator`."""
+  """Loads a converted checkpoint directory (or a `PACKAGED` name) as its `Generator`."""
   arch, config, params = load_converted(path)
   if arch not in _REGISTRY:
     raise ValueError(f"unknown architecture {arch!r} in {path}; "

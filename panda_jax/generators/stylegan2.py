@@ -10,6 +10,9 @@ original runs in float16 (`num_fp16_res`) are computed in float32 here; the
 fp16 pre-normalisation of the original only rescales terms that demodulation
 divides out again, so both compute the same function.
 
+The mapping network alone (`MappingConfig`, `Mapping`, `mapping_latents`,
+`mapping_param_shapes`) is public: StyleGAN3 uses the same one.
+
 Layer numbering (`split`/`resume`): layer `l` is the output of the l-th
 modulated conv (b4.conv1 = 1, b8.conv0 = 2, b8.conv1 = 3, ...). The carry is
 the RGB image of the blocks completed before the block of layer `l` (`None`
@@ -316,11 +319,16 @@ def mapping_latents(params, cfg: MappingConfig, z, c=None, psi=1.0, *, num_ws: i
                           cutoff=cutoff)
 
 
-def mapping_param_shapes(cfg: MappingConfig) -> Any:
-  """The mapping's parameter tree, as `jax.ShapeDtypeStruct`s."""
+def _param_shapes(net: nn.Module, cfg: MappingConfig | Config) -> Any:
+  """The parameter tree of `net` (called on `z, c`), as `jax.ShapeDtypeStruct`s."""
   z = jax.ShapeDtypeStruct((1, cfg.z_dim), jnp.float32)
   c = jax.ShapeDtypeStruct((1, cfg.c_dim), jnp.float32)
-  return jax.eval_shape(Mapping(cfg).init, jax.random.key(0), z, c)["params"]
+  return jax.eval_shape(net.init, jax.random.key(0), z, c)["params"]
+
+
+def mapping_param_shapes(cfg: MappingConfig) -> Any:
+  """The mapping's parameter tree, as `jax.ShapeDtypeStruct`s."""
+  return _param_shapes(Mapping(cfg), cfg)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))
@@ -338,9 +346,7 @@ def _resume(params, x, carry, ws, noise_key, *, cfg: Config, layer: int):
 
 def param_shapes(cfg: Config) -> Any:
   """The parameter tree a `cfg` needs, as `jax.ShapeDtypeStruct`s."""
-  z = jax.ShapeDtypeStruct((1, cfg.z_dim), jnp.float32)
-  c = jax.ShapeDtypeStruct((1, cfg.c_dim), jnp.float32)
-  return jax.eval_shape(StyleGAN2Net(cfg).init, jax.random.key(0), z, c)["params"]
+  return _param_shapes(StyleGAN2Net(cfg), cfg)
 
 
 def check_params(params, expected, path: str = "") -> None:

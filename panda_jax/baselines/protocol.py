@@ -1,0 +1,87 @@
+"""The locality protocol of the evaluation (paper Section 5.2.1, Table 2).
+
+For every method and region of interest (ROI), candidate edits (a direction or
+appearance and a strength) are scored on a validation split, and the candidate
+with the smallest ROIR (Eq. 13) among those that change the ROI by at least a
+fixed amount is kept (the same threshold for every method, so that an edit that
+changes nothing cannot win); its ROIR is then reported on a disjoint test split.
+Splits are ranges of sample indices (sample i has the latents of
+`fold_in(key, i)`, `generator_ops.sample_latents`).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Splits(NamedTuple):
+  train: np.ndarray  # [num_train] sample indices the methods are fitted on.
+  val: np.ndarray    # [num_val] where candidates are chosen.
+  test: np.ndarray   # [num_test] where the chosen edits are reported.
+
+
+def splits(num_train: int, num_val: int, num_test: int) -> Splits:
+  """Consecutive, disjoint index ranges: train, then validation, then test."""
+  sizes = (num_train, num_val, num_test)
+  if any(not isinstance(s, (int, np.integer)) or s < 1 for s in sizes):
+    raise ValueError(f"split sizes must be positive integers, got {sizes}")
+  ends = np.cumsum(sizes)
+  return Splits(*(np.arange(e - s, e) for s, e in zip(sizes, ends)))
+
+
+def _masked_norms(originals, edits, masks):
+  """`(inside, outside)` `[n]` norms of the change, as in Eq. (13)."""
+  if originals.ndim != 4 or edits.shape != originals.shape:
+    raise ValueError(f"originals and edits must both be [n, H, W, ch], got "
+                     f"{tuple(originals.shape)} and {tuple(edits.shape)}")
+  if masks.shape != originals.shape[:3]:
+    raise ValueError(f"masks must be [n, H, W] = {tuple(originals.shape[:3])}, got "
+                     f"{tuple(masks.shape)}")
+  m = jnp.asarray(masks, originals.dtype)[..., None]
+  sq = jnp.square(originals - edits)                       # [n, H, W, ch]
+  inside = jnp.sum(m * sq, axis=(1, 2, 3))
+  outside = jnp.sum((1 - m) * sq, axis=(1, 2, 3))
+  return inside, outside
+
+
+def roi_change(originals, edits, masks):
+  """`[n]`: root-mean-square change of the pixels inside each sample's ROI.
+
+  `sqrt(||M * (X - X')||^2 / (ch * sum M))` (0 for an empty ROI); images
+  `[n, H, W, ch]`, masks `[n, H, W]` in [0, 1].
+  """
+  inside, _ = _masked_norms(originals, edits, masks)
+  area = jnp.sum(jnp.asarray(masks, originals.dtype), axis=(1, 2)) * originals.shape[-1]
+  return jnp.where(area > 0, jnp.sqrt(inside / jnp.where(area > 0, area, 1)), 0.0)
+
+
+def inside_share(originals, edits, masks):
+  """`[n]`: `||M * (X - X')||^2 / ||X - X'||^2` (0 when nothing changed)."""
+  inside, outside = _masked_norms(originals, edits, masks)
+  total = inside + outside
+  return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1), 0.0)
+
+
+def select(roirs, changes, threshold: float) -> Optional[int]:
+  """The threshold rule: the candidate of smallest ROIR among those with change >= threshold.
+
+  Args:
+    roirs: `[k]` validation ROIR of each candidate (NaN/inf rank last).
+    changes: `[k]` its mean ROI change (`roi_change`).
+    threshold: the minimum mean ROI change.
+
+  Returns:
+    the index of the chosen candidate, or None when no candidate changes the
+    ROI enough.
+  """
+  roirs, changes = np.asarray(roirs, np.float64), np.asarray(changes, np.float64)
+  if roirs.ndim != 1 or roirs.shape != changes.shape:
+    raise ValueError(f"roirs and changes must be [k] vectors of one length, got "
+                     f"{roirs.shape} and {changes.shape}")
+  eligible = np.flatnonzero(changes >= threshold)
+  if eligible.size == 0:
+    return None
+  values = np.where(np.isfinite(roirs[eligible]), roirs[eligible], np.inf)
+  return int(eligible[np.argmin(values)])
