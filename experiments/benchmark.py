@@ -41,6 +41,9 @@ flags.DEFINE_bool("quick", False, "Tiny grid (smoke test).")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
 flags.DEFINE_float("official_max_gb", 16.0, "Skip the official ordering above this memory.")
 flags.DEFINE_integer("tts_steps", 10_000, "Steps of the official recipe for time to solution.")
+flags.DEFINE_list("sizes", ["16", "32", "64", "128"], "Feature map sides H = W.")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes N.")
+flags.DEFINE_list("ranks_c", ["512", "64"], "Appearance ranks Rc.")
 
 RANK_S = 8
 
@@ -209,7 +212,8 @@ def _stable(z, rank_c, lr) -> bool:
 
 
 def run(out: str, quick: bool = False, repeats: int = 5, official_max_gb: float = 16.0,
-        tts_steps: int = 10_000) -> dict:
+        tts_steps: int = 10_000, sizes=(16, 32, 64, 128), batches=(1, 8),
+        ranks_c=(512, 64)) -> dict:
   try:
     import torch  # noqa: F401
     have_torch = True
@@ -217,7 +221,7 @@ def run(out: str, quick: bool = False, repeats: int = 5, official_max_gb: float 
     have_torch = False
   peaks = machine_peaks(repeats)
   grid = ([(64, 8, 2, 16)] if quick else
-          [(512, hw, n, rc) for rc in (512, 64) for hw in (16, 32, 64, 128) for n in (1, 8)])
+          [(512, hw, n, rc) for rc in ranks_c for hw in sizes for n in batches])
   rows = []
   for c, hw, n, rank_c in grid:
     z = jax.random.normal(jax.random.PRNGKey(hw * 10 + n), (n, hw * hw, c))
@@ -250,7 +254,9 @@ def run(out: str, quick: bool = False, repeats: int = 5, official_max_gb: float 
 
 def main(argv):
   del argv
-  run(FLAGS.out, FLAGS.quick, FLAGS.repeats, FLAGS.official_max_gb, FLAGS.tts_steps)
+  ints = lambda values: tuple(int(v) for v in values)
+  run(FLAGS.out, FLAGS.quick, FLAGS.repeats, FLAGS.official_max_gb, FLAGS.tts_steps,
+      ints(FLAGS.sizes), ints(FLAGS.batches), ints(FLAGS.ranks_c))
 
 
 if __name__ == "__main__":
