@@ -413,12 +413,17 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   # several processes (then pmap's psum runs over the devices of every process).
   parallel = devices > 1 or jax.process_count() > 1
   prepare = (lambda z: _shard(z, devices)) if parallel else (lambda z: z)
-  z = prepare(first)
   if parallel:
-    state = _pmapped("init", (rank_c, rank_s, parts_init, config))(z, init_key, appearances, parts)
+    run_init = _pmapped("init", (rank_c, rank_s, parts_init, config))
+    run_chunk = lambda state, z, length: _pmapped("chunk", (length, config))(state, z)
+    run_step = _pmapped("step", (config,))
   else:
-    state = _jit_init(z, init_key, appearances, parts, rank_c=rank_c, rank_s=rank_s,
-                      parts_init_name=parts_init, config=config)
+    run_init = functools.partial(_jit_init, rank_c=rank_c, rank_s=rank_s,
+                                 parts_init_name=parts_init, config=config)
+    run_chunk = lambda state, z, length: _jit_chunk(state, z, length=length, config=config)
+    run_step = lambda state, batch: _jit_one_step(state, batch, config=config)
+  z = prepare(first)
+  state = run_init(z, init_key, appearances, parts)
 
   history = np.full((steps,), np.nan, np.float64)
   manager = checkpoint.FitCheckpoints(checkpoint_dir) if checkpoint_dir else None
@@ -437,10 +442,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     while step < steps and not stopping():
       length = min(chunk - step % chunk, steps - step)
       if batches.kind == "fixed":
-        if parallel:
-          state_new, losses = _pmapped("chunk", (length, config))(state, z)
-        else:
-          state_new, losses = _jit_chunk(state, z, length=length, config=config)
+        state_new, losses = run_chunk(state, z, length)
       else:
         losses = []
         state_new = state
@@ -452,10 +454,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
           if t and batch.shape[-2:] != z.shape[-2:]:
             raise ValueError(f"batch at step {t} has shape {tuple(batch.shape)}, "
                              f"expected [..., {z.shape[-2]}, {z.shape[-1]}] (c, s)")
-          if parallel:
-            state_new, value = _pmapped("step", (config,))(state_new, batch)
-          else:
-            state_new, value = _jit_one_step(state_new, batch, config=config)
+          state_new, value = run_step(state_new, batch)
           losses.append(value)
         losses = jnp.stack(losses)
         length = len(losses)
