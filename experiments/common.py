@@ -75,7 +75,7 @@ _SHARED = {
     "num_samples": Flag("integer", 256, "Samples the factors are learnt (or ranked) on."),
     "batch_size": Flag("integer", 64, "Samples per generator call."),
     "truncation_psi": Flag("float", 1.0, "Truncation of the latents."),
-    "rank_c": Flag("integer", 16, "Number of appearances R_C."),
+    "rank_c": Flag("integer", 8, "Number of appearances R_C."),
     "rank_s": Flag("integer", 8, "Number of parts R_S."),
     "steps": Flag("integer", 200, "Steps of Algorithm 1 in total (a rerun with more steps "
                   "continues from OUT/checkpoints)."),

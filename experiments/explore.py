@@ -38,6 +38,7 @@ from experiments import common
 from experiments import decompose
 from panda_jax import editing
 from panda_jax import interpret
+from panda_jax import parts_eval
 from panda_jax import recipes
 
 SPEC = common.spec(
@@ -149,7 +150,7 @@ class Explorer:
     one = self.sample(index)
     parts = np.asarray(self.parts(index, refined)).reshape(-1, self.rank_s)  # [s, r_s]
     h, w = one.features.shape[1:3]
-    peak = parts / np.maximum(parts.max(0, keepdims=True), 1e-12)
+    peak = np.asarray(parts_eval.relative_parts(parts))
     labels = np.where(peak.max(-1) > 0.1, peak.argmax(-1), -1)
     return labels.reshape(h, w)
 

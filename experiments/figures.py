@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from panda_jax import parts_eval
 from panda_jax import viz
 
 _PANEL = 1.5  # inches
@@ -19,10 +20,11 @@ def _rgb(image):
 
 
 def _overlay(image, parts, grid, alpha: float):
-  """The image with every pixel tinted by its argmax part (nearest upsampling)."""
+  """The image with every pixel tinted by its argmax relative part (nearest upsampling)."""
   h, w = grid
   big_h, big_w = image.shape[:2]
-  colours = viz.part_colours(parts.shape[-1])[np.argmax(parts, axis=-1)]   # [s, 3]
+  labels = np.argmax(np.asarray(parts_eval.relative_parts(parts)), axis=-1)  # [s]
+  colours = viz.part_colours(parts.shape[-1])[labels]                       # [s, 3]
   opacity = np.where(parts.max(axis=-1) > 0, alpha, 0.0)[:, None]          # [s, 1]
   tint = np.reshape(np.concatenate([colours, opacity], 1), (h, w, 4))
   tint = tint[(np.arange(big_h) * h) // big_h][:, (np.arange(big_w) * w) // big_w]

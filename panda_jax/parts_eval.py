@@ -8,8 +8,9 @@ over union is high. IoUs are pooled over the samples,
 
 with `G_il` the pixels of sample i labelled l and `M_ik` the pixels of sample i
 assigned to part (or mask) k. Parts (`[s, r_s]` global or `[n, s, r_s]` refined)
-become one label per pixel by upsampling them to the image size and taking the
-argmax over parts, as in the paper's figures.
+become one label per pixel by rescaling each part to its own peak
+(`relative_parts`), upsampling them to the image size and taking the argmax
+over parts, as in the paper's figures.
 """
 from __future__ import annotations
 
@@ -19,8 +20,23 @@ import jax.numpy as jnp
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def relative_parts(parts):
+  """Each part divided by its peak over the positions: `[..., s, r_s]` -> same shape.
+
+  A part's height scales like `1 / sqrt(its size)` (the columns of `P` have
+  about unit norm), so a raw argmax hands the pixels on a boundary to the
+  smaller part; the official plots likewise rescale every part to its own
+  range before overlaying them. All-zero parts stay zero.
+  """
+  parts = jnp.asarray(parts)
+  peak = jnp.max(parts, axis=-2, keepdims=True)
+  return parts / jnp.where(peak > 0, peak, 1)
+
+
 def part_label_maps(parts, grid, size, method: str = "bilinear"):
-  """The argmax part of every pixel: `[n, H, W]` int32 (n = 1 for global parts).
+  """The argmax relative part (`relative_parts`) of every pixel: `[n, H, W]` int32.
+
+  n = 1 for global parts.
 
   Args:
     parts: `[s, r_s]` or refined `[n, s, r_s]`, `s = h * w` row-major.
@@ -36,7 +52,7 @@ def part_label_maps(parts, grid, size, method: str = "bilinear"):
     raise ValueError(f"parts must be [s={h * w}, r_s] or [n, s={h * w}, r_s], got shape "
                      f"{tuple(parts.shape)}")
   n, _, r_s = parts.shape
-  fields = jax.image.resize(jnp.reshape(parts, (n, h, w, r_s)), (n,) + tuple(size) + (r_s,),
+  fields = jax.image.resize(jnp.reshape(relative_parts(parts), (n, h, w, r_s)), (n,) + tuple(size) + (r_s,),
                             method=method)
   return jnp.argmax(fields, axis=-1).astype(jnp.int32)
 

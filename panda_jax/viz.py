@@ -18,6 +18,8 @@ from matplotlib import colors as mcolors
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from panda_jax import parts_eval
+
 _PANEL = 1.6  # inches per panel
 _DPI = 80
 
@@ -102,6 +104,8 @@ def part_colours(r_s: int):
 def plot_parts_overlay(image, parts, path, *, grid=None, alpha: float = 0.5):
   """The image, and the image with each position coloured by its argmax part.
 
+  Parts are compared relative to their own peaks (`parts_eval.relative_parts`).
+
   Positions where every part is zero stay uncoloured; `alpha` is the colour's
   opacity.
   """
@@ -110,7 +114,7 @@ def plot_parts_overlay(image, parts, path, *, grid=None, alpha: float = 0.5):
   s, r_s = parts.shape
   h, w = _grid(s, grid)
   rgba = np.zeros((s, 4), np.float32)
-  rgba[:, :3] = part_colours(r_s)[np.argmax(parts, axis=1)]
+  rgba[:, :3] = part_colours(r_s)[np.argmax(np.asarray(parts_eval.relative_parts(parts)), axis=1)]
   rgba[:, 3] = np.where(parts.max(axis=1) > 0, alpha, 0)
   overlay = _upsample(np.reshape(rgba, (h, w, 4)), img.shape[:2])
   fig, axes = _figure(1, 2)

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "stylegan2", "network-snapshot.pkl")
 SMALL = dict(layer=3, num_samples=16, batch_size=8, rank_c=4, rank_s=3, steps=6,
              checkpoint_every=3)
-TOYFACES = dict(layer=5, num_samples=128, batch_size=64, rank_c=16, rank_s=8, steps=100,
+TOYFACES = dict(layer=5, num_samples=128, batch_size=64, rank_c=8, rank_s=8, steps=100,
                 num_eval=64, num_show=2)
 
 
@@ -261,25 +261,22 @@ def _require_toyfaces():
 
 
 def test_toyfaces_parts_match_the_ground_truth(tmp_path):
-  """`decompose` on the shipped generator at its 16x16 layer finds eyes, mouth,
-  hair and background parts (best IoU, parts upsampled, argmax).
+  """`decompose` with its defaults on the shipped generator (16x16 layer) finds eyes,
+  mouth, hair and background parts with best IoU >= 0.5 each (issue 7; parts
+  relative to their peaks, upsampled, argmax).
 
-  Issue 7 asks for IoU >= 0.5 each, but the toy faces move (translation, scale,
-  rotation, turn) so much that no fixed region reaches 0.5 on the eyes or the
-  mouth (`part_iou_bound`, exact: about 0.49 and 0.45). The thresholds are
-  fractions of that bound, measured 0.89-0.93 (eyes), 0.67-0.71 (hair),
-  0.49-0.51 (background, split over two parts), 0.36-0.38 (mouth, merged with
-  the chin) over seeds 0-2. The metrics are checked against `parts_eval` on
-  independently generated labels, and an edit's ROIR is scored inside the
-  labelled region its part stands for.
+  Measured (defaults, 64 evaluation samples): background 0.72, eyes 0.62, hair
+  0.51, mouth 0.51; over 5 other seeds of samples and decomposition (128
+  samples, 100 steps) the lowest were 0.66 / 0.61 / 0.50 / 0.52. The metrics are
+  checked against `parts_eval` on independently generated labels, and an
+  edit's ROIR is scored inside the labelled region its part stands for.
   """
   _require_toyfaces()
   metrics = decompose.run(common.make_config(decompose.SPEC, generator="toyfaces",
-                                             out=str(tmp_path), **TOYFACES))
+                                             out=str(tmp_path), num_eval=64, num_show=2))
   assert metrics["feature_shape"][:2] == [16, 16]
-  for name, fraction in (("eyes", 0.75), ("hair", 0.55), ("background", 0.4), ("mouth", 0.25)):
-    assert metrics["part_iou"][name] >= fraction * metrics["part_iou_bound"][name], (
-        name, metrics["part_iou"], metrics["part_iou_bound"])
+  for name in ("eyes", "mouth", "hair", "background"):
+    assert metrics["part_iou"][name] >= 0.5, (name, metrics["part_iou"])
   gen = common.load_generator("toyfaces")
   config = common.make_config(decompose.SPEC, generator="toyfaces", **TOYFACES)
   samples = common.images(gen, config, np.arange(TOYFACES["num_eval"]))

@@ -26,13 +26,35 @@ def test_best_part_iou_matches_numpy_reference(refined):
   labels = rng.integers(0, num_labels, (n, h * up, w * up)).astype(np.int32)
   best, match, iou = parts_eval.best_part_iou(parts, labels, num_labels, (h, w),
                                               method="nearest")
-  grids = np.argmax(np.reshape(parts, (-1, h, w, r_s)), -1)            # [n or 1, h, w]
+  relative = parts / parts.max(axis=-2, keepdims=True)                 # Each part / its peak.
+  grids = np.argmax(np.reshape(relative, (-1, h, w, r_s)), -1)         # [n or 1, h, w]
   assigned = np.repeat(np.repeat(grids, up, 1), up, 2)
   assigned = np.broadcast_to(assigned, labels.shape)
   expected = _reference_iou(assigned, labels, r_s, num_labels)
   np.testing.assert_allclose(np.asarray(iou), expected, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(np.asarray(best), expected.max(1), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(match), expected.argmax(1))
+
+
+def test_relative_parts_compare_parts_of_different_sizes():
+  """A boundary cell shared by a big and a small part goes to the one it belongs to more.
+
+  Unit-norm parts: a big part (12 cells) is 1/sqrt(12) high, a small one (4
+  cells) 1/2. A cell holding 0.8 of the big part's peak and 0.6 of the small
+  one's is the big part's, though its raw value is lower (0.23 < 0.3).
+  """
+  big, small = np.zeros(17, np.float32), np.zeros(17, np.float32)
+  big[:12], small[12:16] = 1 / np.sqrt(12), 0.5
+  big[16], small[16] = 0.8 / np.sqrt(12), 0.6 * 0.5
+  parts = np.stack([big, small], 1)                         # [s=17, 2]
+  relative = np.asarray(parts_eval.relative_parts(parts))
+  np.testing.assert_allclose(relative.max(0), 1, rtol=1e-6)
+  np.testing.assert_allclose(relative[16], [0.8, 0.6], rtol=1e-6)
+  assert np.argmax(parts[16]) == 1 and np.argmax(relative[16]) == 0
+  # Refined `[n, s, r_s]`: each sample's parts by their own peaks; zero parts stay zero.
+  refined = np.stack([parts, 2 * parts, np.zeros_like(parts)])
+  np.testing.assert_allclose(np.asarray(parts_eval.relative_parts(refined)),
+                             np.stack([relative, relative, np.zeros_like(parts)]), rtol=1e-6)
 
 
 def test_planted_parts_are_found_exactly():

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from panda_jax import parts_eval
+
 
 class Planted(NamedTuple):
   features: jax.Array     # [n, h, w, c]
@@ -48,12 +50,13 @@ def planted(key, num_samples: int = 64, height: int = 8, width: int = 8, channel
 def matched_iou(parts, labels, num_regions: int | None = None) -> np.ndarray:
   """IoU of each true region with its matched discovered part (Hungarian matching).
 
-  Discovered parts are the argmax over columns of `parts` (`[s, r_s]`) at each
-  position. Returns `[num_regions]`.
+  Discovered parts are the argmax over the columns of `parts` (`[s, r_s]`),
+  each relative to its peak (`parts_eval.relative_parts`), at each position.
+  Returns `[num_regions]`.
   """
   from scipy.optimize import linear_sum_assignment  # scipy is a jax dependency.
 
-  predicted = np.asarray(jnp.argmax(parts, axis=1))
+  predicted = np.asarray(jnp.argmax(parts_eval.relative_parts(parts), axis=1))
   labels = np.asarray(labels)
   num_regions = num_regions or int(labels.max()) + 1
   pred = predicted[:, None] == np.arange(parts.shape[1])[None]        # [s, r_s]

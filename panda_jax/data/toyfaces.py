@@ -6,7 +6,9 @@ extra output channel per part, so every generated sample carries its own
 ground-truth label map and the parts PandA finds can be scored.
 
 A face is drawn with the painter's algorithm in a head frame that is
-translated, scaled, rotated and turned a little per sample: a textured
+translated, scaled, rotated and turned a little per sample (`Layout`: by
+default little enough that one fixed region covers most samples' eyes and
+mouth, so global parts fit, while refinement still has something to fix): a textured
 background (gradient or stripes of two random colours), hair (long or short,
 with a fringe), skin, a nose, two eyes (open: sclera and a random iris colour;
 closed: an eyelid) and a mouth (closed, smiling or open). Every colour and
@@ -56,28 +58,51 @@ class FaceParams(NamedTuple):
   lips: np.ndarray         # [n, 3]
 
 
+class Layout(NamedTuple):
+  """How much the head frame varies per sample (uniform draws within these bounds)."""
+  shift: tuple[float, float] = (0.02, 0.02)  # Max |offset| of the head centre (x, y), image width 1.
+  scale: tuple[float, float] = (1.33, 1.43)  # Range of the head scale.
+  angle: float = 5.0                         # Max |in-plane rotation|, degrees.
+  turn: float = 0.5                          # Max |head turn| in [0, 1].
+
+
+LAYOUT = Layout()
+"""The layout variation of the shipped generator's training data."""
+
+
 class Batch(NamedTuple):
   images: np.ndarray  # [n, h, w, 3] float32 in [-1, 1].
   labels: np.ndarray  # [n, h, w] int32, index into PARTS.
   soft: np.ndarray    # [n, h, w, P] float32, area fraction of each part (sums to 1).
 
 
-def sample_params(rng: int | np.random.Generator, n: int) -> FaceParams:
+def sample_params(rng: int | np.random.Generator, n: int, layout: Layout = LAYOUT) -> FaceParams:
   """Draws `n` independent faces' layouts and appearances (`rng`: a seed or a Generator)."""
   if not isinstance(n, (int, np.integer)) or n < 1:
     raise ValueError(f"n must be a positive int, got {n!r}")
+  layout = Layout(*layout)
+  if (min(layout.shift) < 0 or not 0 < layout.scale[0] <= layout.scale[1] or layout.angle < 0
+      or not 0 <= layout.turn <= 1):
+    raise ValueError(f"layout needs shifts >= 0, 0 < scale[0] <= scale[1], angle >= 0 and "
+                     f"turn in [0, 1], got {layout}")
   rng = np.random.default_rng(rng)
   u = lambda lo, hi, *shape: rng.uniform(lo, hi, (n,) + shape)
   skin_tone = u(0, 1)[:, None]
   skin = ((1 - skin_tone) * np.array([0.96, 0.80, 0.68]) + skin_tone * np.array([0.42, 0.27, 0.18])
           + u(-0.05, 0.05, 3))
+  # The texture's second colour lies part of the way towards another random
+  # colour: the background stays one region with a texture, not two regions.
+  background = u(0, 1, 2, 3)
+  background[:, 1] = background[:, 0] + u(0.25, 0.5)[:, None] * (background[:, 1] - background[:, 0])
   return FaceParams(
-      center=np.stack([0.5 + u(-0.06, 0.06), 0.56 + u(-0.05, 0.05)], axis=1),
-      scale=u(1.25, 1.5), angle=np.deg2rad(u(-12, 12)), turn=u(-1, 1),
+      center=np.stack([0.5 + u(-layout.shift[0], layout.shift[0]),
+                       0.56 + u(-layout.shift[1], layout.shift[1])], axis=1),
+      scale=u(*layout.scale), angle=np.deg2rad(u(-layout.angle, layout.angle)),
+      turn=u(-layout.turn, layout.turn),
       hair_length=u(-0.05, 0.25), fringe=u(-0.22, -0.13),
       eyes_open=rng.uniform(size=n) < 0.75, gaze=u(-0.015, 0.015, 2),
       mouth=rng.integers(0, len(MOUTH_SHAPES), n),
-      background=u(0, 1, 2, 3), stripes=rng.uniform(size=n) < 0.5,
+      background=background, stripes=rng.uniform(size=n) < 0.5,
       direction=u(0, np.pi), frequency=u(2.5, 5.0), phase=u(0, 2 * np.pi),
       hair=u(0, 1, 3), skin=np.clip(skin, 0, 1), nose=np.clip(skin * u(0.6, 0.8)[:, None], 0, 1),
       sclera=u(0.85, 1.0)[:, None] * np.ones(3), iris=u(0, 1, 3),
@@ -130,7 +155,7 @@ def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Ba
   paint((_ellipse(u, v, 0, -0.05, 0.31, 0.34) & (v < col(p.hair_length))) | fringe,
         "hair", p.hair)
   paint(face & ~fringe, "skin", p.skin)
-  paint(_ellipse(u, v, 0.06 * t, 0.07, 0.035, 0.05), "nose", p.nose)
+  paint(_ellipse(u, v, 0.06 * t, 0.065, 0.035, 0.045), "nose", p.nose)
   for side in (-1, 1):
     cu, cv = side * 0.11 + 0.05 * t, -0.03
     a = 0.08 * (1 + 0.2 * side * t)
@@ -140,10 +165,10 @@ def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Ba
     paint(eye_open, "eyes", p.sclera)
     paint(iris, "eyes", p.iris)
     paint(eye_shut, "eyes", p.eyelid)
-  mu, mv, shape = 0.04 * t, 0.175, col(p.mouth)
-  closed = _ellipse(u, v, mu, mv, 0.10, 0.035) & (shape == 0)
-  smile = _ellipse(u, v, mu, mv - 0.02, 0.11, 0.08) & (v > mv - 0.02) & (shape == 1)
-  opened = _ellipse(u, v, mu, mv, 0.08, 0.065) & (shape == 2)
+  mu, mv, shape = 0.04 * t, 0.19, col(p.mouth)
+  closed = _ellipse(u, v, mu, mv, 0.12, 0.045) & (shape == 0)
+  smile = _ellipse(u, v, mu, mv - 0.02, 0.13, 0.09) & (v > mv - 0.02) & (shape == 1)
+  opened = _ellipse(u, v, mu, mv, 0.095, 0.07) & (shape == 2)
   paint(closed | smile, "mouth", p.lips)
   paint(opened, "mouth", p.lips * 0.35)
 
@@ -165,9 +190,9 @@ def render(params: FaceParams, resolution: int = 32, supersample: int = 2) -> Ba
 
 
 def sample(rng: int | np.random.Generator, n: int, resolution: int = 32,
-           supersample: int = 2) -> Batch:
-  """`n` random faces: `render(sample_params(rng, n), resolution, supersample)`."""
-  return render(sample_params(rng, n), resolution, supersample)
+           supersample: int = 2, layout: Layout = LAYOUT) -> Batch:
+  """`n` random faces: `render(sample_params(rng, n, layout), resolution, supersample)`."""
+  return render(sample_params(rng, n, layout), resolution, supersample)
 
 
 def to_channels(batch: Batch) -> np.ndarray:
