@@ -37,14 +37,19 @@ from panda_jax import decomposition, objective
 from panda_jax.data import synthetic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON report.")
-flags.DEFINE_bool("quick", False, "Tiny grid (smoke test).")
-flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
-flags.DEFINE_float("official_max_gb", 16.0, "Skip the official ordering above this memory.")
-flags.DEFINE_integer("tts_steps", 10_000, "Steps of the official recipe for time to solution.")
-flags.DEFINE_list("sizes", ["16", "32", "64", "128"], "Feature map sides H = W.")
-flags.DEFINE_list("batches", ["1", "8"], "Batch sizes N.")
-flags.DEFINE_list("ranks_c", ["512", "64"], "Appearance ranks Rc.")
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when run as a program, so that importing this
+  module (tests, notebooks) never clashes with another launcher's `--out`."""
+  flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON report.")
+  flags.DEFINE_bool("quick", False, "Tiny grid (smoke test).")
+  flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
+  flags.DEFINE_float("official_max_gb", 16.0, "Skip the official ordering above this memory.")
+  flags.DEFINE_integer("tts_steps", 10_000, "Steps of the official recipe for time to solution.")
+  flags.DEFINE_list("sizes", ["16", "32", "64", "128"], "Feature map sides H = W.")
+  flags.DEFINE_list("batches", ["1", "8"], "Batch sizes N.")
+  flags.DEFINE_list("ranks_c", ["512", "64"], "Appearance ranks Rc.")
 
 RANK_S = 8
 
@@ -276,4 +281,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
