@@ -8,12 +8,13 @@ ground-truth label map and the parts PandA finds can be scored.
 A face is drawn with the painter's algorithm in a head frame that is
 translated, scaled, rotated and turned a little per sample (`Layout`: by
 default little enough that one fixed region covers most samples' eyes and
-mouth, so global parts fit, while refinement still has something to fix): a textured
-background (gradient or stripes of two random colours), hair (long or short,
-with a fringe), skin, a nose, two eyes (open: sclera and a random iris colour;
-closed: an eyelid) and a mouth (closed, smiling or open). Every colour and
-every shape choice is drawn independently. Images are rendered at `supersample`
-times the resolution and box-filtered, so edges are anti-aliased; `soft` is the
+mouth, so global parts fit, while refinement still has something to fix): a
+textured background (a gradient or stripes from a random colour part of the
+way towards another), hair (long or short, with a fringe), skin, a nose, two
+eyes (open: sclera and a random iris colour; closed: an eyelid) and a mouth
+(closed, smiling or open). Every colour and every shape choice is drawn
+independently. Images are rendered at `supersample` times the resolution and
+box-filtered, so edges are anti-aliased; `soft` is the
 area fraction of each part in each pixel and `labels` its argmax.
 
     batch = toyfaces.sample(0, 16)  # seed 0 (or a np.random.Generator)
