@@ -23,7 +23,7 @@ def _overlay(image, parts, grid, alpha: float):
   """The image with every pixel tinted by its argmax relative part (nearest upsampling)."""
   h, w = grid
   big_h, big_w = image.shape[:2]
-  labels = np.argmax(np.asarray(parts_eval.relative_parts(parts)), axis=-1)  # [s]
+  labels = np.asarray(parts_eval.assign_parts(parts))                       # [s]
   colours = viz.part_colours(parts.shape[-1])[labels]                       # [s, 3]
   opacity = np.where(parts.max(axis=-1) > 0, alpha, 0.0)[:, None]          # [s, 1]
   tint = np.reshape(np.concatenate([colours, opacity], 1), (h, w, 4))

@@ -33,6 +33,11 @@ def relative_parts(parts):
   return parts / jnp.where(peak > 0, peak, 1)
 
 
+def assign_parts(parts):
+  """The part each position belongs to: argmax of `relative_parts`, `[..., s, r_s]` -> `[..., s]`."""
+  return jnp.argmax(relative_parts(parts), axis=-1).astype(jnp.int32)
+
+
 def part_label_maps(parts, grid, size, method: str = "bilinear"):
   """The argmax relative part (`relative_parts`) of every pixel: `[n, H, W]` int32.
 

@@ -114,7 +114,7 @@ def plot_parts_overlay(image, parts, path, *, grid=None, alpha: float = 0.5):
   s, r_s = parts.shape
   h, w = _grid(s, grid)
   rgba = np.zeros((s, 4), np.float32)
-  rgba[:, :3] = part_colours(r_s)[np.argmax(np.asarray(parts_eval.relative_parts(parts)), axis=1)]
+  rgba[:, :3] = part_colours(r_s)[np.asarray(parts_eval.assign_parts(parts))]
   rgba[:, 3] = np.where(parts.max(axis=1) > 0, alpha, 0)
   overlay = _upsample(np.reshape(rgba, (h, w, 4)), img.shape[:2])
   fig, axes = _figure(1, 2)

@@ -1,4 +1,6 @@
 """`experiments/benchmark.py`: the machine reference it divides by (timings live in its JSON)."""
+import concurrent.futures
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,8 @@ from experiments import benchmark
 def test_parallel_copy_copies_every_element(size, threads):
   src = np.random.default_rng(size).random(size, np.float32)
   dst = np.full_like(src, np.nan)
-  benchmark._parallel_copy(src, dst, threads)  # pylint: disable=protected-access
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    benchmark._parallel_copy(src, dst, pool, threads)  # pylint: disable=protected-access
   np.testing.assert_array_equal(dst, src)
 
 

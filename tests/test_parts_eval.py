@@ -51,6 +51,8 @@ def test_relative_parts_compare_parts_of_different_sizes():
   np.testing.assert_allclose(relative.max(0), 1, rtol=1e-6)
   np.testing.assert_allclose(relative[16], [0.8, 0.6], rtol=1e-6)
   assert np.argmax(parts[16]) == 1 and np.argmax(relative[16]) == 0
+  np.testing.assert_array_equal(np.asarray(parts_eval.assign_parts(parts)),
+                                [0] * 12 + [1] * 4 + [0])
   # Refined `[n, s, r_s]`: each sample's parts by their own peaks; zero parts stay zero.
   refined = np.stack([parts, 2 * parts, np.zeros_like(parts)])
   np.testing.assert_allclose(np.asarray(parts_eval.relative_parts(refined)),

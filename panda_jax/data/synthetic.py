@@ -50,13 +50,12 @@ def planted(key, num_samples: int = 64, height: int = 8, width: int = 8, channel
 def matched_iou(parts, labels, num_regions: int | None = None) -> np.ndarray:
   """IoU of each true region with its matched discovered part (Hungarian matching).
 
-  Discovered parts are the argmax over the columns of `parts` (`[s, r_s]`),
-  each relative to its peak (`parts_eval.relative_parts`), at each position.
+  Discovered parts are `parts_eval.assign_parts(parts)` (`[s, r_s]` -> `[s]`).
   Returns `[num_regions]`.
   """
   from scipy.optimize import linear_sum_assignment  # scipy is a jax dependency.
 
-  predicted = np.asarray(jnp.argmax(parts_eval.relative_parts(parts), axis=1))
+  predicted = np.asarray(parts_eval.assign_parts(parts))
   labels = np.asarray(labels)
   num_regions = num_regions or int(labels.max()) + 1
   pred = predicted[:, None] == np.arange(parts.shape[1])[None]        # [s, r_s]
