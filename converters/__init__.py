@@ -3,13 +3,15 @@
     python -m converters --src=network-snapshot.pkl --dst=converted/ffhq
 
 Each module named in `FORMATS` is a format: it defines `sniff(source) -> bool`
-and `convert(source) -> (arch, config, params)`. Adding a format is adding a
-module and its name there; a module that fails to import fails loudly, and the
-tests check that every such module is listed. `sniff` must be cheap and
+and `convert(source, **options) -> (arch, config, params)`. Adding a format is
+adding a module and its name there; a module that fails to import fails
+loudly, and the tests check that every such module is listed. `sniff` must be cheap and
 exclusive: it looks at `source.path`/`source.read()` and answers whether its
 module converts this checkpoint. `convert` returns the architecture name registered in
 `panda_jax.generators`, a JSON-serialisable config and a params pytree; it
-raises `ConversionError` (one line) for anything it cannot convert. Nothing
+raises `ConversionError` (one line) for anything it cannot convert. A module
+may take options (command-line flags such as `--nz`) named in its `OPTIONS`;
+giving one to a format that does not list it is an error. Nothing
 here imports torch or executes anything from a checkpoint: files are read by
 `converters.safe_pickle`.
 """
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 from converters.errors import ConversionError
 
 # The format modules, in the order `detect` asks them.
-FORMATS = ("stylegan2", "stylegan3", "biggan", "genforce")
+FORMATS = ("stylegan2", "stylegan3", "biggan", "genforce", "dcgan")
 MAX_JSON_BYTES = 2**20  # A config.json (real ones: < 1 kB).
 # What reading odd values out of a checkpoint raises: malformed input, not a bug.
 _MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
@@ -111,12 +113,22 @@ def detect(source: Source) -> ModuleType:
   return matches[0]
 
 
-def convert(src: str | os.PathLike) -> tuple[str, dict, Any]:
-  """Reads a checkpoint: `(arch, config, params)`, checked by building the generator."""
+def convert(src: str | os.PathLike, **options) -> tuple[str, dict, Any]:
+  """Reads a checkpoint: `(arch, config, params)`, checked by building the generator.
+
+  `options` (None values dropped) go to the format's `convert`, which must list
+  them in its `OPTIONS`.
+  """
   from panda_jax import generators
   source = Source(src)
+  options = {k: v for k, v in options.items() if v is not None}
   try:
-    arch, config, params = detect(source).convert(source)
+    module = detect(source)
+    unknown = sorted(set(options) - set(getattr(module, "OPTIONS", ())))
+    if unknown:
+      raise ConversionError(f"--{unknown[0]} does not apply to "
+                            f"{module.__name__.rsplit('.', 1)[-1]} checkpoints")
+    arch, config, params = module.convert(source, **options)
   except _MALFORMED as e:
     raise ConversionError(f"{source.path}: malformed checkpoint "
                           f"({type(e).__name__}: {e})") from None
@@ -130,10 +142,11 @@ def convert(src: str | os.PathLike) -> tuple[str, dict, Any]:
   return arch, config, params
 
 
-def convert_file(src: str | os.PathLike, dst: str | os.PathLike) -> str:
-  """Converts `src` and writes the directory `dst` atomically; returns `dst`."""
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **options) -> str:
+  """Converts `src` (with the format's `options`) and writes the directory `dst`
+  atomically; returns `dst`."""
   from panda_jax.generators import base
-  arch, config, params = convert(src)
+  arch, config, params = convert(src, **options)
   try:
     with _quiet_orbax():
       return base.save_converted(dst, arch, config, params)

@@ -11,11 +11,13 @@ def main(argv=None) -> int:
       prog="python -m converters",
       description="Convert an official PyTorch checkpoint for panda_jax.generators.load.")
   parser.add_argument("--src", required=True,
-                      help="network pickle, .pth/.bin file or checkpoint folder")
+                      help="network pickle, .pth/.bin/.tar file or checkpoint folder")
   parser.add_argument("--dst", required=True, help="output directory (must not exist)")
+  parser.add_argument("--nz", type=int, default=None,
+                      help="DCGAN only: the latent size the weights must take (checked)")
   args = parser.parse_args(argv)
   try:
-    dst = converters.convert_file(args.src, args.dst)
+    dst = converters.convert_file(args.src, args.dst, nz=args.nz)
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import panda_jax as pj
-from panda_jax import decomposition, objective
+from panda_jax import decomposition
 from panda_jax.data import synthetic
 
 FLAGS = flags.FLAGS
@@ -99,15 +99,15 @@ def _step_flops(n, s, c, rank_c, rank_s=RANK_S) -> float:
 def jax_row(z, rank_c, repeats) -> dict:
   """Steady-state seconds per `fit` step (adaptive), compile time, temporaries."""
   config = pj.FitConfig()
-  state = pj.init_state(z, rank_c, RANK_S, key=jax.random.PRNGKey(0), config=config)
-  unfolded = objective.unfold(z).block_until_ready()
+  state = pj.init(z, rank_c, RANK_S, key=jax.random.PRNGKey(0), config=config)
+  unfolded = jax.block_until_ready(pj.unfolded(z))
 
   def chunk(length):
-    return lambda: decomposition._jit_chunk(state, unfolded, length=length,
-                                           config=config)[1].block_until_ready()
+    return lambda: pj.run_steps(state, unfolded, length, config)[1].block_until_ready()
 
   start = time.perf_counter()
-  compiled = decomposition._jit_chunk.lower(state, unfolded, length=10, config=config).compile()
+  compiled = decomposition._run_steps.lower(state, unfolded.z, None, steps=10, config=config,
+                                            axis_name=None).compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   t10 = _median_seconds(chunk(10), repeats)

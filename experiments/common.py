@@ -79,6 +79,9 @@ _SHARED = {
     "rank_s": Flag("integer", 8, "Number of parts R_S."),
     "steps": Flag("integer", 200, "Steps of Algorithm 1 in total (a rerun with more steps "
                   "continues from OUT/checkpoints)."),
+    "parts_init": Flag("string", "kmeans", "Start of the parts: 'kmeans' (positions, "
+                       "Section 4.1), 'fibres' (where each kind of fibre lives) or 'uniform' "
+                       "(the paper's U(0, 0.01))."),
     "checkpoint_every": Flag("integer", 50, "Steps between checkpoints."),
     "factors": Flag("string", None, "A `decompose` output directory; without it, the "
                     "launcher decomposes into OUT/decompose (resumed when already there)."),
@@ -96,7 +99,7 @@ _SHARED = {
 DISTRIBUTED = ("coordinator_address", "num_processes", "process_id")
 SAMPLING = ("generator", "layer", "out", "seed", "num_samples", "batch_size",
             "truncation_psi") + DISTRIBUTED
-DECOMPOSITION = ("rank_c", "rank_s", "steps", "checkpoint_every")
+DECOMPOSITION = ("rank_c", "rank_s", "steps", "parts_init", "checkpoint_every")
 # The options of every launcher that works from factors (decompose's, plus where
 # the factors come from and how many samples to show).
 WITH_FACTORS = SAMPLING + DECOMPOSITION + ("factors", "num_show")

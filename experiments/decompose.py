@@ -5,7 +5,8 @@
 
 Writes `OUT/factors/` (`pj.save_factors`), `OUT/parts.png` (the argmax part over
 the first `--num_show` samples, and a heat map of every part) and
-`OUT/metrics.json` (final_loss, steps, seconds, layer, feature_shape, ...). The
+`OUT/metrics.json` (final_loss, steps, seconds, layer, feature_shape,
+orthogonality_error = max |A^T A - I|, ...). The
 running fit is checkpointed in `OUT/checkpoints`: rerunning the same command, or
 with more `--steps`, continues from there. When the generator's images carry
 ground-truth labels (toy faces), metrics.json also holds every label's best
@@ -57,7 +58,7 @@ def decompose(config):
   features = common.extract_features(gen, config, layer,
                                      common.local_indices(config.num_samples))
   factors = pj.fit(features, config.rank_c, config.rank_s, steps=config.steps,
-                   key=common.keys(config.seed)[1],
+                   key=common.keys(config.seed)[1], parts_init=config.parts_init,
                    checkpoint_dir=os.path.join(out, "checkpoints"),
                    checkpoint_every=config.checkpoint_every, stop=common.stop_requested)
   if factors.steps < config.steps:
@@ -69,9 +70,11 @@ def decompose(config):
                  steps=factors.steps, seconds=seconds, layer=layer, feature_shape=[h, w, c],
                  generator=config.generator, arch=gen.arch, num_samples=config.num_samples,
                  rank_c=config.rank_c, rank_s=config.rank_s, seed=config.seed,
+                 parts_init=config.parts_init,
                  truncation_psi=config.truncation_psi,
                  step_size_parts=factors.step_size_parts,
                  step_size_appearances=factors.step_size_appearances,
+                 orthogonality_error=factors.orthogonality_error,  # max |A^T A - I|
                  loss_history=factors.loss_history)
   shown = common.images(gen, config, np.arange(min(config.num_show, config.num_samples)))
   if shown.labels is not None:

@@ -6,7 +6,8 @@
 Each `--edit=PART:APPEARANCE:ALPHA` names where (a part index, indices joined
 by '+' for their union, or a mask file: `.npy`, or a `.png` whose grey level is
 the weight, at the image or the feature resolution), which appearance and how
-strongly (`--relative_alpha`). Writes `edit_T.png` (original / edited /
+strongly (`--relative_alpha`); `--normalise` maps a part into [0, 1] by
+min-max (default, the official code) or by its maximum. Writes `edit_T.png` (original / edited /
 squared error of the first `--num_show` samples) for each edit, `edit_all.png`
 (all edits at once) when there are several, and metrics.json: for each edit its
 absolute alpha, the mean squared change of the image and its ROIR (Eq. 13, lower
@@ -33,7 +34,9 @@ SPEC = common.spec(*common.WITH_FACTORS, "relative_alpha", edit=common.Flag(
                        "instead of --edit; refused unless --generator and the factors are "
                        "the ones it was made with. Its samples come from its own stream."),
     seeds=common.Flag("list", None, "With --recipe: the seeds (sample indices of the card's "
-                      "stream) to replay on; default the card's."))
+                      "stream) to replay on; default the card's."),
+    normalise=common.Flag("string", "minmax", "How a part is mapped into [0, 1] before the "
+                          "edit: 'minmax' (the official code) or 'max' (panda_jax.editing)."))
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -122,7 +125,8 @@ def run(config) -> dict:
   for t, group in enumerate(common.progress_iter(groups, "edits")):
     name = f"edit_{t}" if t < len(edits) else "edit_all"
     before, after = generator_ops.edit_images(gen, lat, layer, factors.appearances,
-                                              factors.parts, group)
+                                              factors.parts, group,
+                                              normalise=config.normalise)
     before, after = common.split_labels(before), common.split_labels(after)
     result = dict(name=name, edits=[dict(part="mask" if isinstance(p, np.ndarray) else p,
                                          appearance=j, alpha=a) for p, j, a in group],
@@ -136,7 +140,8 @@ def run(config) -> dict:
       viz.plot_edit(before.rgb, after.rgb, os.path.join(out, f"{name}.png"))
     results.append(result)
   return common.write_metrics(out, dict(layer=layer, generator=config.generator,
-                                        num_show=config.num_show, edits=results))
+                                        num_show=config.num_show, normalise=config.normalise,
+                                        edits=results))
 
 
 if __name__ == "__main__":

@@ -337,7 +337,7 @@ def refiners(factors, config) -> dict:
   for k in config.knn:
     out[f"refined_knn_{k}"] = (lambda x, k=k: pj.refine(x, a, p, method="paper", k=k,
                                                          steps=config.refine_steps))
-  out["refined_register"] = lambda x: pj.refine(x, a, p)
+  out["refined_register"] = lambda x: pj.refine(x, a, p, method="register")
   return out
 
 

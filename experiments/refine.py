@@ -1,11 +1,12 @@
 """Global parts against per-sample refined parts (Sec. 4.2, Eqs. 10-12, Algorithm 2).
 
     python -m experiments.refine --factors=/tmp/panda --knn=8 --samples=0,1,2,3 --out=...
+    python -m experiments.refine --compare --out=...     # the study behind pj.refine's default
 
 Refines the global parts on each chosen sample by `--refine_steps` steps of
-Eq. (10) with the full Gram matrix (the ICLR refinement) and with the
-mutual-kNN graph (Algorithm 2), both as published (`method="paper"`), and by
-`pj.refine`'s default (the global parts translated onto the sample). With
+Eq. (10) with the full Gram matrix (the ICLR refinement, `pj.refine`'s
+default) and with the mutual-kNN graph (Algorithm 2), and by the translation
+of the global parts onto the sample (`method="register"`). With
 `--shift > 0` the same samples are also made unaligned: each feature map is
 rolled by a random offset of up to `--shift` of the side (the carry follows)
 and the image regenerated; the oracle, the global parts rolled by the known
@@ -14,12 +15,19 @@ image, then the argmax part of each variant), `refine_shifted.png` and
 metrics.json: the mean relative change of the parts and, with ground-truth
 labels, each label's best-part IoU for every variant (`shifted`: on the
 unaligned samples, with the offsets).
+
+`--compare` (needs a generator with ground-truth labels, e.g. the embedded toy
+faces) runs `compare` instead: for each of `--compare_layers` and 3 seeds it
+fits the factors (`--rank_c`, `--rank_s`, `--steps`, `--num_samples`) and scores
+every method on `--compare_samples` samples as generated and rolled by up to a
+quarter of the side (`compare.json`).
 """
 from __future__ import annotations
 
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import panda_jax as pj
@@ -27,6 +35,7 @@ from experiments import common
 from experiments import decompose
 from experiments import figures
 from experiments import unaligned
+from panda_jax import generator_ops
 from panda_jax import parts_eval
 
 _OFFSETS = 2**31 - 1  # fold_in tag of the offsets' random stream (not a sample index).
@@ -37,7 +46,15 @@ SPEC = common.spec(
     knn=common.Flag("integer", 8, "Neighbours k of the mutual-kNN graph."),
     refine_steps=common.Flag("integer", 50, "Projected gradient steps of the refinement."),
     shift=common.Flag("float", 0.25, "Also roll each sample's feature map by a random offset "
-                      "of up to this fraction of the side, and draw the oracle (0: off)."))
+                      "of up to this fraction of the side, and draw the oracle (0: off)."),
+    compare=common.Flag("bool", False, "Run the study of the refinement methods (`compare`) "
+                        "instead; --factors is not used."),
+    compare_layers=common.Flag("list", ["5", "3"], "Layers of the --compare study."),
+    compare_samples=common.Flag("integer", 128, "Evaluation samples per fit in --compare."))
+
+# The methods of the --compare study: `pj.refine` options (None: the global parts).
+COMPARED = {"global": None, "register": dict(method="register"), "full Gram": dict(steps=50),
+            "16-NN": dict(k=16), "8-NN": dict(k=8)}
 
 
 def _variants(features, factors, config) -> list:
@@ -45,10 +62,9 @@ def _variants(features, factors, config) -> list:
   a, p = factors.appearances, factors.parts
   steps = config.refine_steps
   return [("global", p),
-          ("full Gram", pj.refine(features, a, p, method="paper", steps=steps)),
-          (f"{config.knn}-NN", pj.refine(features, a, p, method="paper", k=config.knn,
-                                          steps=steps)),
-          ("translated", pj.refine(features, a, p))]
+          ("full Gram", pj.refine(features, a, p, steps=steps)),
+          (f"{config.knn}-NN", pj.refine(features, a, p, k=config.knn, steps=steps)),
+          ("translated", pj.refine(features, a, p, method="register"))]
 
 
 def _scores(variants, samples, start, grid) -> dict:
@@ -66,8 +82,62 @@ def _scores(variants, samples, start, grid) -> dict:
   return out
 
 
+def compare(gen, layers, *, seeds=(0, 1, 2), rank_c: int = 8, rank_s: int = 8,
+            fit_steps: int = 200, num_fit: int = 256, num_eval: int = 128,
+            batch_size: int = 64) -> list:
+  """Every method of `COMPARED` on samples as generated and rolled (issue 18, item 2).
+
+  Per layer and seed: factors fitted on `num_fit` samples (stream `fold_in(100 +
+  seed)`), then per ground-truth part the best part's pooled IoU on `num_eval`
+  other samples as generated (`natural`) and rolled by up to a quarter of the
+  side with the carry following (`rolled`; `unaligned.move`), and the oracle
+  (the global parts rolled by the known offsets).
+
+  Returns:
+    one dict per (layer, seed): `{layer, seed, oracle_rolled, methods: {name:
+    {natural, rolled (per-part lists), natural_mean, rolled_mean}}}`.
+  """
+  rows = []
+  for layer in layers:
+    for seed in seeds:
+      fit_key, eval_key, offset_key = jax.random.split(jax.random.PRNGKey(100 + seed), 3)
+      feats = jnp.concatenate(list(generator_ops.sampled_features(
+          gen, fit_key, layer, num_samples=num_fit, batch_size=batch_size)))
+      factors = pj.fit(feats, rank_c, rank_s, steps=fit_steps, key=fit_key, progress=False)
+      a, p = factors.appearances, factors.parts
+      lat = generator_ops.sample_latents(gen, eval_key, np.arange(num_eval))
+      x, carry = gen.split(lat, layer)
+      grid = tuple(x.shape[1:3])
+      offsets = unaligned.random_offsets(offset_key, num_eval, grid)
+      moved, moved_carry = unaligned.move(x, carry, offsets)
+      cases = {"natural": (x, common.split_labels(gen.resume(x, carry, lat, layer))),
+               "rolled": (moved, common.split_labels(gen.resume(moved, moved_carry, lat, layer)))}
+      if cases["natural"][1].labels is None:
+        raise ValueError("--compare needs a generator whose samples carry ground-truth labels "
+                         "(e.g. the embedded toyfaces)")
+      best = lambda parts, samples: np.asarray(parts_eval.best_part_iou(
+          parts, samples.labels, len(samples.label_names), grid)[0])
+      methods = {}
+      for name, options in COMPARED.items():
+        scores = {case: best(p if options is None else pj.refine(z, a, p, **options), samples)
+                  for case, (z, samples) in cases.items()}
+        methods[name] = {**{case: np.round(v, 4).tolist() for case, v in scores.items()},
+                         **{f"{case}_mean": float(np.mean(v)) for case, v in scores.items()}}
+      oracle = best(unaligned.roll_parts(p, offsets, grid), cases["rolled"][1])
+      rows.append(dict(layer=int(layer), seed=int(seed), oracle_rolled=np.round(oracle, 4).tolist(),
+                       methods=methods))
+  return rows
+
+
 def run(config) -> dict:
   """Refines; returns the metrics written to `OUT/metrics.json`."""
+  if config.compare:
+    out = common.output_dir(config.out)
+    gen = common.load_generator(config.generator)
+    rows = compare(gen, [int(l) for l in config.compare_layers], rank_c=config.rank_c,
+                   rank_s=config.rank_s, fit_steps=config.steps, num_fit=config.num_samples,
+                   num_eval=config.compare_samples, batch_size=config.batch_size)
+    return common.write_metrics(out, dict(generator=config.generator, compare=rows))
   out = common.output_dir(config.out)
   gen = common.load_generator(config.generator)
   factors, layer = decompose.factors_for(config, gen)

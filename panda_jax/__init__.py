@@ -23,10 +23,10 @@ Appearances in GANs", TPAMI 2024.
 
 # Factorisation (paper Sections 3-4).
 from panda_jax.checkpoint import load_factors, save_factors
-from panda_jax.decomposition import (Factors, FitConfig, FitState, fit, init_state, run_steps,
-                                     update)
+from panda_jax.decomposition import (ORTHOGONALITY_BOUND, BlockStep, Factors, FitConfig, FitState,
+                                     appearances_step, fit, init, parts_step, run_steps, update)
 from panda_jax.hosvd import hosvd_init, scatter_finalize, scatter_init, scatter_update
-from panda_jax.objective import gradients, loss
+from panda_jax.objective import Unfolded, gradients, loss, orthogonality_error, unfolded
 from panda_jax.pgd import LineSearch
 from panda_jax.refinement import mutual_knn_graph, refine
 
@@ -41,3 +41,5 @@ from panda_jax.interpret import (ConceptMeanState, Ranking, RankState,
                                  rank_finalize, rank_init, rank_update,
                                  saliency, upsample_saliency)
 from panda_jax.metrics import roir, roir_per_sample
+
+# Inversion of real images (issue 21).

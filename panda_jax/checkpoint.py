@@ -13,17 +13,22 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from panda_jax import decomposition
+from panda_jax import decomposition, objective
 
 _FACTOR_FIELDS = ("appearances", "parts", "loss_history")
 
 
 def save_factors(directory: str, factors: "decomposition.Factors") -> None:
-  """Writes `factors` to `directory` (created; must not exist yet)."""
+  """Writes `factors` to `directory` (created; must not exist yet).
+
+  `scalars` holds `[step_size_parts, step_size_appearances, steps,
+  orthogonality_error]`; factors saved before the last field existed hold the
+  first three (`load_factors` recomputes the fourth).
+  """
   directory = os.path.abspath(os.fspath(directory))
   tree = {name: np.asarray(getattr(factors, name)) for name in _FACTOR_FIELDS}
   tree["scalars"] = np.asarray([factors.step_size_parts, factors.step_size_appearances,
-                                factors.steps], np.float64)
+                                factors.steps, factors.orthogonality_error], np.float64)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, tree)
     checkpointer.wait_until_finished()
@@ -37,9 +42,12 @@ def load_factors(directory: str) -> "decomposition.Factors":
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(directory)
   scalars = np.asarray(tree["scalars"])
-  return decomposition.Factors(jnp.asarray(tree["appearances"]), jnp.asarray(tree["parts"]),
-                         np.asarray(tree["loss_history"]), float(scalars[0]),
-                         float(scalars[1]), int(scalars[2]))
+  appearances = jnp.asarray(tree["appearances"])
+  orthogonality = (float(scalars[3]) if scalars.size > 3
+                   else objective.orthogonality_error(appearances))
+  return decomposition.Factors(appearances, jnp.asarray(tree["parts"]),
+                               np.asarray(tree["loss_history"]), float(scalars[0]),
+                               float(scalars[1]), int(scalars[2]), orthogonality)
 
 
 class FitCheckpoints:

@@ -1,23 +1,41 @@
-"""Algorithm 1: block-coordinate projected gradient descent on Eq. (3).
+"""Algorithm 1: block-coordinate projected gradient descent on Eq. (3), as pure functions.
 
-State is an explicit pytree (`FitState`); `init_state` builds it, `update` runs one
-block-coordinate step (a P step with projection onto `P >= 0`, then an A step at
-the new parts), and `fit` is a thin driver that runs `update` in `lax.scan`
-chunks, shards the batch over local devices with `pmap` (gradient sums combined
-with `psum`), checkpoints, resumes and reports progress.
+    state = init(batch, r_c, r_s, key=key)        # A^(1) by HOSVD (Section 3.4), a parts start
+    state, out = parts_step(state, batch)         # P block: Eq. (4), then the projection P >= 0
+    state, out = appearances_step(state, batch, projection=out.projection)  # A block: Eq. (5)
+    state, metrics = update(state, batch)         # both blocks: one iteration of Algorithm 1
+    state, losses = run_steps(state, batch, T)    # T iterations on one batch, one `lax.scan`
+
+`batch` is channels-last features (`[n, s, c]` / `[n, h, w, c]`) or
+`unfolded(features)`, the paper's `[n, c, s]` unfolding transposed once (pass
+that when several steps see the same batch). Every function is jitted with its
+configuration (`FitConfig`, ranks, names) static, and takes `axis_name=None`:
+with a name, `batch` is this device's shard and every sum over samples is a
+`psum` over that axis, so the functions run unchanged inside a caller's `pmap`
+or `shard_map` (the state, replicated, stays equal on every device). `fit` is
+the driver: `run_steps` chunks on a fixed batch or `update` on a new batch per
+step, `pmap` over the local devices through the same `axis_name`, orbax
+checkpoints, resumption, progress.
 
 Step sizes: `step_size=None` (default) adapts a separate step per block by
 backtracking (`panda_jax.pgd`), so the loss is non-increasing on a fixed batch
 and no learning rate needs tuning; a float gives the paper's fixed learning rate
-`lambda` for both blocks. `method="adam"` is the autograd variant the paper
-mentions (Section 5.4.1): `jax.grad` of the same objective, Adam per block,
-projection of `P` after each update.
+`lambda` for both blocks. `method="autograd"` is the variant the paper mentions
+(Section 5.4.1): `jax.grad` of the same objective, any optax transformation per
+block (default Adam), `P` projected after each update.
+
+Orthogonality: `saliency`, `rewrite` and `refine` read `A^T Z_i` as coordinates
+in an orthonormal basis. HOSVD starts `A` orthonormal, but Eq. (3) does not
+constrain it and the gradient steps let `A^T A` drift from `I`: `fit` reports
+`max |A^T A - I|` (`Factors.orthogonality_error`) and warns above
+`ORTHOGONALITY_BOUND`.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+import warnings
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +44,20 @@ import optax
 
 from panda_jax import _checks, hosvd, objective, parts_init, pgd
 
-AXIS = "batch"
+AXIS = "batch"  # fit's pmap axis.
+METHODS = ("bcd", "autograd", "adam")  # "adam": "autograd" (the name older callers use).
+# Above this `max |A^T A - I|`, `fit` warns: the coordinates `A^T Z_i` that saliency,
+# rewriting and refinement use are then off by more than 10% of a unit basis.
+ORTHOGONALITY_BOUND = 0.1
 
 
 class FitConfig(NamedTuple):
   """Static options of a run (hashable: part of the compiled program)."""
-  method: str = "bcd"                 # "bcd" (analytic Eqs. 4-5) or "adam" (jax.grad + optax).
+  method: str = "bcd"                 # "bcd" (analytic Eqs. 4-5) or "autograd" (jax.grad + optax).
   step_size: Optional[float] = None   # fixed lambda (paper) or None (adaptive, per block).
-  learning_rate: float = 1e-3         # Adam only.
+  learning_rate: float = 1e-3         # autograd with the default optimizer: Adam's.
   search: pgd.LineSearch = pgd.LineSearch()
+  optimizer: Optional[optax.GradientTransformation] = None  # autograd; None: Adam(learning_rate).
 
 
 class FitState(NamedTuple):
@@ -42,11 +65,12 @@ class FitState(NamedTuple):
 
   appearances: `A`, `[c, r_c]`.
   parts: `P`, `[s, r_s]`, non-negative.
-  step: int32 scalar, steps taken.
+  step: int32 scalar, iterations taken (`update` counts; the block steps do not).
   step_size_parts: step size of the P block (the fixed `lambda` or the last accepted one).
   step_size_appearances: same for the A block.
   key: uint32 `[2]` PRNG key; step t of a stochastic run samples with `fold_in(key, t)`.
-  opt_state: `(parts_state, appearances_state)` of optax Adam, or `()` for "bcd".
+  opt_state: `(parts_state, appearances_state)` of the optax transformation
+    (autograd), or `()` for "bcd".
   """
   appearances: jax.Array
   parts: jax.Array
@@ -57,6 +81,19 @@ class FitState(NamedTuple):
   opt_state: Any
 
 
+class BlockStep(NamedTuple):
+  """What a block step reports, and hands to the next block on the same batch.
+
+  loss_change: the exact change of Eq. (3) the step made, summed over every
+    sample (of every device on `axis_name`); not positive with the adaptive step
+    (up to rounding far below the loss's own).
+  projection: `M_i = Z_i P` at the parts after the step, `[n, c, r_s]` (this
+    device's samples); passing it on saves the next block a pass over Z.
+  """
+  loss_change: jax.Array
+  projection: jax.Array
+
+
 class Factors(NamedTuple):
   """Result of `fit`: the factors and the run's record."""
   appearances: jax.Array     # [c, r_c]
@@ -65,22 +102,46 @@ class Factors(NamedTuple):
   step_size_parts: float
   step_size_appearances: float
   steps: int
+  orthogonality_error: float  # max |A^T A - I| (module docstring; ORTHOGONALITY_BOUND)
 
 
-def _identity(x):
-  return x
+def _is_autograd(config: FitConfig) -> bool:
+  return config.method != "bcd"
 
 
-def _psum(x):
-  return jax.lax.psum(x, AXIS)
+def _optimizer(config: FitConfig) -> optax.GradientTransformation:
+  return config.optimizer if config.optimizer is not None else optax.adam(config.learning_rate)
 
 
 # ----------------------------------------------------------------------------- init
 
+PARTS_STARTS = ("kmeans", "fibres", "uniform")  # The names `_initial_parts` knows.
+
+
+def _initial_parts(name: str, key, z, appearances, rank_s: int, reduce,
+                   axis_name=None) -> jax.Array:
+  """The parts start `P^(1)`, `[s, r_s]`, from `z` `[n, c, s]` and `A^(1)` `[c, r_c]`.
+
+  "kmeans" (default): k-means++ of the positions in the appearance basis
+  (Section 4.1, `parts_init.kmeans`); "fibres": where each kind of channel
+  fibre lives (`parts_init.fibres`); "uniform": the paper's `U(0, 0.01)`.
+  """
+  if name == "kmeans":
+    return parts_init.kmeans(key, z, appearances, rank_s, reduce=reduce)
+  if name == "fibres":
+    gather = ((lambda x: x) if axis_name is None
+              else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True))
+    return parts_init.fibres(key, z, rank_s, reduce=reduce, gather=gather)
+  return parts_init.uniform(key, z.shape[2], rank_s).astype(z.dtype)
+
 
 def _largest_eigenvalue(matvec, dim: int, key, dtype, iterations: int = 10):
-  """Power iteration for the top eigenvalue of a PSD operator on `[dim, 1]` vectors."""
-  v = jax.random.normal(key, (dim, 1), dtype)
+  """Power iteration for the top eigenvalue of a PSD operator on `[dim, 1]` vectors.
+
+  The start is drawn in float32 whatever `dtype`, so runs in float32 and float64
+  start alike (the tests compare them).
+  """
+  v = jax.random.normal(key, (dim, 1), jnp.float32).astype(dtype)
 
   def body(v, _):
     w = matvec(v)
@@ -101,48 +162,85 @@ def _initial_step_sizes(z, zp, appearances, key, reduce):
   return 1.0 / (8.0 * jnp.maximum(curv_p, tiny)), 1.0 / (8.0 * jnp.maximum(curv_a, tiny))
 
 
-def _init_state(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config,
-                reduce=_identity):
-  """Builds a `FitState` from a batch `z` (`[n, c, s]`, or this device's shard)."""
-  key_a, key_p, key_step, key_run = jax.random.split(key, 4)
+@functools.partial(jax.jit, static_argnames=("rank_c", "rank_s", "parts_init_name", "config",
+                                             "axis_name"))
+def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config, axis_name):
+  reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
+  _, key_p, key_step, key_run = jax.random.split(key, 4)
   if appearances is None:
     appearances = hosvd.scatter_finalize(reduce(hosvd.unfolded_scatter(z)), rank_c)
   if parts is None:
-    if parts_init_name == "kmeans":
-      parts = parts_init.kmeans(key_p, z, appearances, rank_s, reduce=reduce)
-    else:
-      parts = parts_init.uniform(key_p, z.shape[2], rank_s).astype(z.dtype)
+    parts = _initial_parts(parts_init_name, key_p, z, appearances, rank_s, reduce, axis_name)
   if config.step_size is None:
     step_p, step_a = _initial_step_sizes(z, objective.project_parts(z, parts), appearances,
                                          key_step, reduce)
   else:
     step_p = step_a = jnp.asarray(config.step_size, z.dtype)
-  if config.method == "adam":
-    opt = optax.adam(config.learning_rate)
-    opt_state = (opt.init(parts), opt.init(appearances))
+  if _is_autograd(config):
+    optimizer = _optimizer(config)
+    opt_state = (optimizer.init(parts), optimizer.init(appearances))
   else:
     opt_state = ()
   return FitState(appearances, parts, jnp.int32(0), step_p, step_a, key_run, opt_state)
 
 
+def init(features, rank_c: int, rank_s: int, *, key, config: FitConfig = FitConfig(),
+         parts_init: str = "kmeans", appearances=None, parts=None, axis_name=None) -> FitState:
+  """A `FitState` from a batch: HOSVD appearances (Section 3.4) and a parts start.
+
+  Args:
+    features: `[n, s, c]` / `[n, h, w, c]` or `unfolded(features)` (`[n, c, s]`).
+    rank_c, rank_s: `r_c <= c`, `r_s <= s`.
+    key: PRNG key.
+    config: `FitConfig`.
+    parts_init: "kmeans" (default, Section 4.1) or "uniform" (the paper's U(0, 0.01)).
+    appearances, parts: optional starting factors (`[c, r_c]`, `[s, r_s]`).
+    axis_name: `features` is this device's shard of a batch split over that axis.
+  """
+  z = objective.batch_z(features)
+  _validate(z, rank_c, rank_s, config, parts_init, appearances, parts)
+  _checks.check_finite(z, "features")  # No-op on tracers (inside a caller's pmap or jit).
+  return _init(z, _as_raw_key(key), appearances, parts, rank_c=rank_c, rank_s=rank_s,
+               parts_init_name=parts_init, config=config, axis_name=axis_name)
+
+
 # ----------------------------------------------------------------------------- steps
 
 
-def _bcd_step(state: FitState, z, zp, value, sq_norm, config: FitConfig, reduce):
-  """Algorithm 1, one iteration, from `zp = Z P` and `value` = Eq. (3) at the state.
+def _projected_step(change_to, x, aux, grad, step_size, project, config: FitConfig):
+  """`x+ = project(x - t grad)`: adaptive `t` (backtracking) or the paper's fixed `lambda`.
+
+  `change_to(x+) -> (exact change of Eq. 3, aux+)`. Returns `(x+, change, aux+, t)`.
+  """
+  if config.step_size is None:
+    return pgd.backtracking_step(change_to, x, jnp.zeros((), grad.dtype), aux, grad, step_size,
+                                 project, config.search)
+  new_x = project(x - step_size * grad)
+  change, aux = change_to(new_x)
+  return new_x, change, aux, step_size
+
+
+def _optax_step(config: FitConfig, grad, opt_state, params, project):
+  """The autograd variant's update of one block: the optax transformation, then `project`."""
+  updates, opt_state = _optimizer(config).update(grad, opt_state, params)
+  return project(optax.apply_updates(params, updates)), opt_state
+
+
+def _parts_block(state: FitState, z, zp, config: FitConfig, axis_name):
+  """The P block (Eq. 4 and the projection) at `zp = Z P`: `(state, BlockStep)`.
 
   Trials are scored by their exact loss change (`objective.loss_change`), so
   accept/reject decisions do not depend on rounding noise of size eps ||Z||^2:
   runs that differ only in summation order (1 vs 4 devices) take the same
-  decisions. Returns `(state, Z P_new, Eq. (3) at the new state)`.
+  decisions.
   """
-  del sq_norm  # The loss is carried and updated by exact changes.
+  reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
   appearances, parts = state.appearances, state.parts
   lam = objective.coefficients(zp, appearances)
   decoded = objective.decode(lam, appearances)
   gram_p = parts.T @ parts
 
-  def parts_change(new_parts):
+  def change_to(new_parts):
     delta = new_parts - parts
     d_zp = objective.project_parts(z, delta)                    # Z (P+ - P): one pass over Z.
     d_lam = objective.coefficients(d_zp, appearances)
@@ -151,149 +249,191 @@ def _bcd_step(state: FitState, z, zp, value, sq_norm, config: FitConfig, reduce)
                                    gram_p, d_gram)
     return reduce(change), zp + d_zp
 
-  grad_p = reduce(objective.parts_gradient(z, zp, appearances, parts))
-  if config.step_size is None:
-    new_parts, change, zp, step_p = pgd.backtracking_step(
-        parts_change, parts, jnp.zeros_like(value), zp, grad_p, state.step_size_parts,
-        pgd.nonnegative, config.search)
+  if _is_autograd(config):
+    local = lambda p: objective.loss_from_projection(0.0, objective.project_parts(z, p),
+                                                     appearances, p)
+    opt_p, opt_a = state.opt_state
+    new_parts, opt_p = _optax_step(config, reduce(jax.grad(local)(parts)), opt_p, parts,
+                                   pgd.nonnegative)
+    change, zp = change_to(new_parts)
+    state = state._replace(parts=new_parts, opt_state=(opt_p, opt_a))
   else:
-    step_p = state.step_size_parts
-    new_parts = pgd.nonnegative(parts - step_p * grad_p)
-    change, zp = parts_change(new_parts)
-  value = value + change
-  parts = new_parts
+    grad = reduce(objective.parts_gradient(z, zp, appearances, parts))
+    new_parts, change, zp, step = _projected_step(change_to, parts, zp, grad,
+                                                  state.step_size_parts, pgd.nonnegative, config)
+    state = state._replace(parts=new_parts, step_size_parts=step)
+  return state, BlockStep(change, zp)
+
+
+def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
+  """The A block (Eq. 5) at `zp = Z P` (no pass over Z): `(state, BlockStep)`."""
+  reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
+  appearances, parts = state.appearances, state.parts
   lam = objective.coefficients(zp, appearances)
   decoded = objective.decode(lam, appearances)
   gram_p = parts.T @ parts
 
-  def appearances_change(new_appearances):
+  def change_to(new_appearances):
     delta = new_appearances - appearances
     d_lam = objective.coefficients(zp, delta)                    # (A+ - A)^T M.
     d_decoded = (objective.decode(lam + d_lam, delta)            # A+ Lambda+ - A Lambda.
                  + objective.decode(d_lam, appearances))
     return reduce(objective.loss_change(lam, decoded, d_lam, d_decoded, gram_p)), ()
 
-  grad_a = reduce(objective.appearances_gradient(zp, appearances, parts))
-  if config.step_size is None:
-    appearances, change, _, step_a = pgd.backtracking_step(
-        appearances_change, appearances, jnp.zeros_like(value), (), grad_a,
-        state.step_size_appearances, pgd.identity, config.search)
+  if _is_autograd(config):
+    local = lambda a: objective.loss_from_projection(0.0, zp, a, parts)
+    opt_p, opt_a = state.opt_state
+    new_appearances, opt_a = _optax_step(config, reduce(jax.grad(local)(appearances)), opt_a,
+                                         appearances, pgd.identity)
+    change, _ = change_to(new_appearances)
+    state = state._replace(appearances=new_appearances, opt_state=(opt_p, opt_a))
   else:
-    step_a = state.step_size_appearances
-    appearances = appearances - step_a * grad_a
-    change, _ = appearances_change(appearances)
-  new_state = state._replace(appearances=appearances, parts=parts, step=state.step + 1,
-                             step_size_parts=step_p, step_size_appearances=step_a)
-  return new_state, zp, value + change
+    grad = reduce(objective.appearances_gradient(zp, appearances, parts))
+    new_appearances, change, _, step = _projected_step(
+        change_to, appearances, (), grad, state.step_size_appearances, pgd.identity, config)
+    state = state._replace(appearances=new_appearances, step_size_appearances=step)
+  return state, BlockStep(change, zp)
 
 
-def _adam_step(state: FitState, z, zp, value, sq_norm, config: FitConfig, reduce):
-  """The autograd variant: `jax.grad` of Eq. (3), Adam on each block in turn."""
-  del zp, value
-  opt = optax.adam(config.learning_rate)
-  local_loss = lambda a, p: objective.loss_from_projection(
-      sq_norm, objective.project_parts(z, p), a, p)
-  opt_p, opt_a = state.opt_state
-  grad_p = reduce(jax.grad(local_loss, argnums=1)(state.appearances, state.parts))
-  updates, opt_p = opt.update(grad_p, opt_p)
-  parts = pgd.nonnegative(state.parts + updates)
-  grad_a = reduce(jax.grad(local_loss, argnums=0)(state.appearances, parts))
-  updates, opt_a = opt.update(grad_a, opt_a)
-  appearances = state.appearances + updates
-  zp = objective.project_parts(z, parts)
-  value = reduce(objective.loss_from_projection(sq_norm, zp, appearances, parts))
-  return (state._replace(appearances=appearances, parts=parts, step=state.step + 1,
-                         opt_state=(opt_p, opt_a)), zp, value)
-
-
-def _step(state, z, zp, value, sq_norm, config, reduce):
-  step_fn = _adam_step if config.method == "adam" else _bcd_step
-  return step_fn(state, z, zp, value, sq_norm, config, reduce)
-
-
-def _run_chunk(state, z, length: int, config: FitConfig, reduce=_identity):
-  """`length` steps on a fixed batch as one `lax.scan`: `(state, losses [length])`."""
-  sq_norm = objective.squared_norm(z)
+def _start(state: FitState, z, axis_name):
+  """`(Z P, Eq. 3)` at the state, the loss in the expanded form (accurate to eps ||Z||^2)."""
   zp = objective.project_parts(z, state.parts)
-  value = reduce(objective.loss_from_projection(sq_norm, zp, state.appearances, state.parts))
-
-  def body(carry, _):
-    state, zp, value = carry
-    state, zp, value = _step(state, z, zp, value, sq_norm, config, reduce)
-    return (state, zp, value), value
-
-  (state, _, _), losses = jax.lax.scan(body, (state, zp, value), None, length=length)
-  return state, losses
+  value = objective.loss_from_projection(objective.squared_norm(z), zp, state.appearances,
+                                         state.parts)
+  return zp, objective.sum_samples(value, axis_name)
 
 
-def _one_step(state, z, config: FitConfig, reduce=_identity):
-  """One step on a new batch (stochastic runs): `(state, loss)`."""
-  sq_norm = objective.squared_norm(z)
-  zp = objective.project_parts(z, state.parts)
-  value = reduce(objective.loss_from_projection(sq_norm, zp, state.appearances, state.parts))
-  state, _, value = _step(state, z, zp, value, sq_norm, config, reduce)
-  return state, value
+def _iteration(state: FitState, z, zp, value, config: FitConfig, axis_name):
+  """One iteration of Algorithm 1 from `zp = Z P` and `value` = Eq. (3) at the state.
 
-
-_jit_init = jax.jit(_init_state, static_argnames=("rank_c", "rank_s", "parts_init_name", "config"))
-_jit_chunk = jax.jit(_run_chunk, static_argnames=("length", "config"))
-_jit_one_step = jax.jit(_one_step, static_argnames=("config",))
-
-
-@functools.lru_cache(maxsize=None)
-def _pmapped(kind: str, static: tuple):
-  """pmap'ed init / chunk / step over the local devices, summing with `psum`."""
-  if kind == "init":
-    rank_c, rank_s, name, config = static
-    fn = functools.partial(_init_state, rank_c=rank_c, rank_s=rank_s, parts_init_name=name,
-                           config=config, reduce=_psum)
-    return jax.pmap(fn, AXIS, in_axes=(0, None, None, None), out_axes=None)
-  if kind == "chunk":
-    length, config = static
-    fn = functools.partial(_run_chunk, length=length, config=config, reduce=_psum)
-  else:
-    (config,) = static
-    fn = functools.partial(_one_step, config=config, reduce=_psum)
-  return jax.pmap(fn, AXIS, in_axes=(None, 0), out_axes=None)
-
-
-# ----------------------------------------------------------------------------- public
-
-
-def update(state: FitState, features, config: FitConfig = FitConfig()):
-  """One step of Algorithm 1 on a batch: `(state, {"loss": Eq. (3) after the step})`.
-
-  `features` is `[n, s, c]` or `[n, h, w, c]`; jitted, compiled once per shape.
+  The loss is carried by the blocks' exact changes (so on a fixed batch the
+  history is non-increasing). Returns `(state, Z P_new, Eq. (3) at the new state)`.
   """
-  z = objective.unfold(features)
-  state, value = _jit_one_step(state, z, config=config)
+  state, parts_out = _parts_block(state, z, zp, config, axis_name)
+  value = value + parts_out.loss_change
+  state, appearances_out = _appearances_block(state, parts_out.projection, config, axis_name)
+  return (state._replace(step=state.step + 1), parts_out.projection,
+          value + appearances_out.loss_change)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "axis_name"))
+def _parts_step(state, z, projection, *, config, axis_name):
+  zp = objective.project_parts(z, state.parts) if projection is None else projection
+  return _parts_block(state, z, zp, config, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "axis_name"))
+def _appearances_step(state, z, projection, *, config, axis_name):
+  zp = objective.project_parts(z, state.parts) if projection is None else projection
+  return _appearances_block(state, zp, config, axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "axis_name"))
+def _update(state, z, *, config, axis_name):
+  zp, value = _start(state, z, axis_name)
+  state, _, value = _iteration(state, z, zp, value, config, axis_name)
   return state, {"loss": value}
 
 
-def run_steps(state: FitState, features, steps: int, config: FitConfig = FitConfig()):
-  """`steps` iterations of Algorithm 1 on a fixed batch as one compiled `lax.scan`.
+@functools.partial(jax.jit, static_argnames=("steps", "config", "axis_name"))
+def _run_steps(state, z, loss, *, steps, config, axis_name):
+  zp, value = _start(state, z, axis_name)
+  if loss is not None:  # Continue a record (the expanded value is then never computed).
+    value = jnp.asarray(loss, value.dtype)
 
-  Returns `(state, losses [steps])`; what `fit` runs per chunk on one device.
-  """
-  return _jit_chunk(state, objective.unfold(features), length=int(steps), config=config)
+  def body(carry, _):
+    state, zp, value = carry
+    state, zp, value = _iteration(state, z, zp, value, config, axis_name)
+    return (state, zp, value), value
+
+  (state, _, _), losses = jax.lax.scan(body, (state, zp, value), None, length=steps)
+  return state, losses
 
 
-def init_state(features, rank_c: int, rank_s: int, *, key, config: FitConfig = FitConfig(),
-               parts_init: str = "kmeans", appearances=None, parts=None) -> FitState:
-  """A `FitState` from a batch: HOSVD appearances (Section 3.4) and a parts start.
+# ----------------------------------------------------------------------------- public steps
+
+
+def _checked_batch(state: FitState, features, config: FitConfig, projection=None, *,
+                   needs_batch: bool = True):
+  """`z` `[n, c, s]` with its shapes checked against the state (shapes only: works under
+  jit); None when the step does not need the batch and `projection` stands in for it."""
+  _validate_config(config)
+  c, r_s = state.appearances.shape[0], state.parts.shape[1]
+  if projection is not None and tuple(projection.shape[1:]) != (c, r_s):
+    raise ValueError(f"projection must be [n, c={c}, r_s={r_s}], got {tuple(projection.shape)}")
+  if features is None:
+    if needs_batch or projection is None:
+      raise ValueError("features: this step needs the batch (the A block: or its projection)")
+    return None
+  z = objective.batch_z(features)
+  objective.check_batch(z, state.appearances, state.parts)
+  return z
+
+
+def parts_step(state: FitState, features, config: FitConfig = FitConfig(), *, projection=None,
+               axis_name=None):
+  """The P block of Algorithm 1: a gradient step on Eq. (4), then the projection onto `P >= 0`.
 
   Args:
-    features: `[n, s, c]` or `[n, h, w, c]`.
-    rank_c, rank_s: `r_c <= c`, `r_s <= s`.
-    key: PRNG key.
-    config: `FitConfig`.
-    parts_init: "kmeans" (default, Section 4.1) or "uniform" (the paper's U(0, 0.01)).
-    appearances, parts: optional starting factors (`[c, r_c]`, `[s, r_s]`).
+    state: a `FitState` (from `init`).
+    features: the batch, `[n, s, c]` / `[n, h, w, c]` or `unfolded(features)`.
+    config: `FitConfig` (static): the adaptive step (default) tries
+      `1.25 state.step_size_parts` and halves it until Eq. (3) decreases
+      sufficiently; a fixed `step_size` is the paper's `lambda`; "autograd"
+      applies the optax transformation to `jax.grad` of Eq. (3).
+    projection: `Z P` at `state.parts`, `[n, c, r_s]` (e.g. the last block's
+      `BlockStep.projection`); computed when omitted (one pass over Z).
+    axis_name: `features` is this device's shard; sums over samples are `psum`s.
+
+  Returns:
+    `(state, BlockStep)`: the state with the new parts (and step size or
+    optimiser state); the exact loss change and `Z P` at the new parts.
   """
-  z = objective.unfold(features)
-  _validate(z, rank_c, rank_s, config, parts_init, appearances, parts)
-  return _jit_init(z, _as_raw_key(key), appearances, parts, rank_c=rank_c, rank_s=rank_s,
-                   parts_init_name=parts_init, config=config)
+  z = _checked_batch(state, features, config, projection)
+  return _parts_step(state, z, projection, config=config, axis_name=axis_name)
+
+
+def appearances_step(state: FitState, features, config: FitConfig = FitConfig(), *,
+                     projection=None, axis_name=None):
+  """The A block of Algorithm 1: a gradient step on Eq. (5) (unconstrained).
+
+  The block sees the data only through `M_i = Z_i P` (`[n, c, r_s]`): with
+  `projection` given, `features` may be None and no pass over Z is made.
+  Arguments and result as in `parts_step` (the projection is passed through).
+  """
+  z = _checked_batch(state, features, config, projection, needs_batch=False)
+  return _appearances_step(state, z, projection, config=config, axis_name=axis_name)
+
+
+def update(state: FitState, features, config: FitConfig = FitConfig(), *, axis_name=None):
+  """One iteration of Algorithm 1 on a batch: `parts_step`, then `appearances_step`.
+
+  `features` as in `parts_step`. Returns `(state, {"loss": Eq. (3) after the step})`,
+  the loss summed over every sample (of every device on `axis_name`).
+  """
+  z = _checked_batch(state, features, config)
+  return _update(state, z, config=config, axis_name=axis_name)
+
+
+def run_steps(state: FitState, features, steps: int, config: FitConfig = FitConfig(), *,
+              loss=None, axis_name=None):
+  """`steps` iterations of Algorithm 1 on one batch as one compiled `lax.scan`.
+
+  Carries `Z P` from one iteration to the next (three passes over Z per
+  iteration) and the loss by the exact changes. Returns `(state, losses
+  [steps])`; what `fit` runs per chunk.
+
+  Args:
+    state, features, config, axis_name: as in `update`.
+    steps: iterations (static).
+    loss: Eq. (3) at `state` on this batch, when known: the last loss of the
+      previous call on the same batch. The losses then continue that record by
+      exact changes (with the adaptive step: never increasing, across calls
+      too); when omitted, the record starts from Eq. (3) in the expanded form,
+      whose rounding is about eps ||Z||^2.
+  """
+  z = _checked_batch(state, features, config)
+  return _run_steps(state, z, loss, steps=int(steps), config=config, axis_name=axis_name)
 
 
 def _as_raw_key(key):
@@ -302,20 +442,29 @@ def _as_raw_key(key):
   return key
 
 
-def _validate(z, rank_c, rank_s, config, parts_init_name, appearances, parts):
-  _, c, s = z.shape
-  _checks.check_ranks(s, c, rank_c, rank_s)
-  if config.method not in ("bcd", "adam"):
-    raise ValueError(f"method must be 'bcd' or 'adam', got {config.method!r}")
-  if parts_init_name not in ("kmeans", "uniform"):
-    raise ValueError(f"parts_init must be 'kmeans' or 'uniform', got {parts_init_name!r}")
+def _validate_config(config: FitConfig) -> None:
+  if config.method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+  if config.optimizer is not None and not _is_autograd(config):
+    raise ValueError("an optimizer applies to method='autograd' only")
   if config.step_size is not None and not (math.isfinite(config.step_size) and config.step_size > 0):
     raise ValueError(f"step_size must be a positive finite float or None, got {config.step_size!r}")
+
+
+def _validate(z, rank_c, rank_s, config, parts_init_name, appearances, parts):
+  """Ranks, options and starting factors against `z` `[n, c, s]` (shapes only: works under jit)."""
+  _, c, s = z.shape
+  _checks.check_ranks(s, c, rank_c, rank_s)
+  _validate_config(config)
+  if parts_init_name not in PARTS_STARTS:
+    raise ValueError(f"parts_init must be one of {PARTS_STARTS}, got {parts_init_name!r}")
   if appearances is not None and tuple(appearances.shape) != (c, rank_c):
     raise ValueError(f"appearances must be [c={c}, r_c={rank_c}], got {tuple(appearances.shape)}")
   if parts is not None and tuple(parts.shape) != (s, rank_s):
     raise ValueError(f"parts must be [s={s}, r_s={rank_s}], got {tuple(parts.shape)}")
-  _checks.check_finite(z, "features")
+
+
+# ----------------------------------------------------------------------------- fit
 
 
 class _Batches:
@@ -352,8 +501,30 @@ def _shard(z, num_devices: int):
   return jnp.reshape(z, (num_devices, -1) + z.shape[1:])
 
 
+@functools.lru_cache(maxsize=None)
+def _pmapped(kind: str, static: tuple):
+  """`init` / `run_steps` / `update` pmapped over the local devices with `axis_name=AXIS`.
+
+  Cached on the static options, so repeated `fit` calls reuse the compiled programs.
+  """
+  if kind == "init":
+    rank_c, rank_s, name, config = static
+    fn = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
+                                       parts_init=name, appearances=a, parts=p, axis_name=AXIS)
+    return jax.pmap(fn, AXIS, in_axes=(0, None, None, None), out_axes=None)
+  if kind == "chunk":
+    length, config = static
+    fn = lambda state, batch, loss: run_steps(state, batch, length, config, loss=loss,
+                                              axis_name=AXIS)
+    return jax.pmap(fn, AXIS, in_axes=(None, 0, None), out_axes=None)
+  (config,) = static
+  fn = lambda state, batch: update(state, batch, config, axis_name=AXIS)
+  return jax.pmap(fn, AXIS, in_axes=(None, 0), out_axes=None)
+
+
 def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
         step_size: Optional[float] = None, method: str = "bcd", learning_rate: float = 1e-3,
+        optimizer: Optional[optax.GradientTransformation] = None,
         parts_init: str = "kmeans", appearances=None, parts=None, chunk_size: int = 50,
         checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
         num_devices: Optional[int] = None, progress: bool = True,
@@ -371,8 +542,11 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     steps: total number of steps T (a resumed run continues up to T).
     key: PRNG key.
     step_size: None (adaptive, default) or the paper's fixed learning rate.
-    method: "bcd" (analytic gradients, Eqs. 4-5) or "adam" (jax.grad + optax).
-    learning_rate: Adam's learning rate.
+    method: "bcd" (analytic gradients, Eqs. 4-5) or "autograd" (jax.grad +
+      optax; "adam" is the same).
+    learning_rate: Adam's learning rate, when autograd has no `optimizer`.
+    optimizer: any `optax.GradientTransformation` for the autograd variant
+      (applied to each block, P projected onto `P >= 0` after each update).
     parts_init: "kmeans" (default) or "uniform" (the paper's `U(0, 0.01)`).
     appearances, parts: optional starting factors.
     chunk_size: steps per compiled `lax.scan` (full-batch runs).
@@ -386,7 +560,9 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       factors reached, `Factors.steps < steps`: how a launcher honours SIGTERM.
 
   Returns:
-    `Factors(appearances [c, r_c], parts [s, r_s], loss_history [steps], ...)`.
+    `Factors(appearances [c, r_c], parts [s, r_s], loss_history [steps], ...,
+    orthogonality_error)`; a `UserWarning` when `max |A^T A - I|` exceeds
+    `ORTHOGONALITY_BOUND`.
 
   Raises:
     ValueError: bad ranks or shapes, non-finite features, an empty sampler.
@@ -395,7 +571,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   from panda_jax import checkpoint  # Deferred: checkpoint imports this module.
 
   config = FitConfig(method=method, step_size=step_size, learning_rate=learning_rate,
-                     search=search)
+                     search=search, optimizer=optimizer)
   if not (isinstance(steps, (int, np.integer)) and steps >= 0):
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   if checkpoint_every is not None and checkpoint_every <= 0:
@@ -411,19 +587,23 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
 
   # pmap whenever the sums span more than one device: several local devices, or
   # several processes (then pmap's psum runs over the devices of every process).
-  parallel = devices > 1 or jax.process_count() > 1
-  prepare = (lambda z: _shard(z, devices)) if parallel else (lambda z: z)
-  if parallel:
+  # Either way the same public functions run; on several devices with `axis_name`.
+  if devices > 1 or jax.process_count() > 1:
+    _checks.check_finite(first, "features")  # `init` sees tracers under pmap.
+    prepare = lambda z: objective.Unfolded(_shard(z, devices))
     run_init = _pmapped("init", (rank_c, rank_s, parts_init, config))
-    run_chunk = lambda state, z, length: _pmapped("chunk", (length, config))(state, z)
+    run_chunk = lambda state, batch, length, loss: _pmapped("chunk", (length, config))(
+        state, batch, loss)
     run_step = _pmapped("step", (config,))
   else:
-    run_init = functools.partial(_jit_init, rank_c=rank_c, rank_s=rank_s,
-                                 parts_init_name=parts_init, config=config)
-    run_chunk = lambda state, z, length: _jit_chunk(state, z, length=length, config=config)
-    run_step = lambda state, batch: _jit_one_step(state, batch, config=config)
-  z = prepare(first)
-  state = run_init(z, init_key, appearances, parts)
+    prepare = objective.Unfolded
+    run_init = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
+                                             parts_init=parts_init, appearances=a, parts=p)
+    run_chunk = lambda state, batch, length, loss: run_steps(state, batch, length, config,
+                                                             loss=loss)
+    run_step = lambda state, batch: update(state, batch, config)
+  batch = prepare(first)
+  state = run_init(batch, init_key, appearances, parts)
 
   history = np.full((steps,), np.nan, np.float64)
   manager = checkpoint.FitCheckpoints(checkpoint_dir) if checkpoint_dir else None
@@ -441,21 +621,21 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   try:
     while step < steps and not stopping():
       length = min(chunk - step % chunk, steps - step)
-      if batches.kind == "fixed":
-        state_new, losses = run_chunk(state, z, length)
+      if batches.kind == "fixed":  # The loss record continues across chunks (and resumptions).
+        state_new, losses = run_chunk(state, batch, length, history[step - 1] if step else None)
       else:
         losses = []
         state_new = state
         for t in range(step, step + length):
           if t > step and stopping():
             break
-          batch = z if t == 0 else prepare(
+          new = batch if t == 0 else prepare(
               objective.unfold(batches.get(jax.random.fold_in(data_key, t))))
-          if t and batch.shape[-2:] != z.shape[-2:]:
-            raise ValueError(f"batch at step {t} has shape {tuple(batch.shape)}, "
-                             f"expected [..., {z.shape[-2]}, {z.shape[-1]}] (c, s)")
-          state_new, value = run_step(state_new, batch)
-          losses.append(value)
+          if t and new.z.shape[-2:] != batch.z.shape[-2:]:
+            raise ValueError(f"batch at step {t} has shape {tuple(new.z.shape)}, "
+                             f"expected [..., {batch.z.shape[-2]}, {batch.z.shape[-1]}] (c, s)")
+          state_new, metrics = run_step(state_new, new)
+          losses.append(metrics["loss"])
         losses = jnp.stack(losses)
         length = len(losses)
       losses = np.asarray(losses, np.float64)
@@ -473,8 +653,13 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     bar.close()
     if manager is not None:
       manager.close()
+  orthogonality = objective.orthogonality_error(state.appearances)
+  if orthogonality > ORTHOGONALITY_BOUND:
+    warnings.warn(f"the appearances drifted from orthonormal: max |A^T A - I| = "
+                  f"{orthogonality:.3g} > {ORTHOGONALITY_BOUND} (saliency, rewrite and refine "
+                  "assume orthonormal columns)", stacklevel=2)
   return Factors(state.appearances, state.parts, history, float(state.step_size_parts),
-                 float(state.step_size_appearances), int(state.step))
+                 float(state.step_size_appearances), int(state.step), orthogonality)
 
 
 def _check_finite_run(losses, state, first_step: int) -> None:

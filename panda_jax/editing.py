@@ -8,20 +8,38 @@ layer)` (see `panda_jax.generator_ops`).
 
 Where an edit applies (`part`) is one of:
 
-* an integer k: the global part `p_k`, a column of `parts`;
-* a list/tuple of distinct integers: the union of those parts, `sum_k p_k`;
-* an array mask `[s]`, `[H, W]` or `[n, H, W]` in [0, 1]: a user's region.
+* a part index k: the global part `p_k`, a column of `parts` (a Python int or
+  an integer scalar array, which may be traced: `jax.vmap` over parts);
+* several indices (a list/tuple of ints or a 1-d integer array): the union of
+  those parts, `sum_k p_k`;
+* a float or bool array mask `[s]`, `[H, W]` or `[n, H, W]` in [0, 1]: a user's
+  region. (Integer arrays are indices, never masks.)
 
 Parts (global `[s, r_s]`, or refined per sample `[n, s, r_s]`) are normalised
-as in the official demo: the (summed) part is divided by its maximum over the
-positions, per sample, so that its peak is 1 and, `P >= 0` with zeros outside
-the part, its range is [0, 1] (the demo's min-max map). A part that is zero
-everywhere gives no edit. Masks are not rescaled: they are the weights a user
-asked for. A mask at image resolution `[H, W]` is area-averaged onto the
-`(h, w)` feature grid: each feature cell takes the mean of the `H/h x W/w`
-block of pixels it covers (`H`, `W` must be multiples of `h`, `w`; a mask at the
-feature resolution is used as is). A binary mask equal to the support of a
-binary part therefore gives exactly the part's edit.
+to `p^ in [0, 1]` before the edit, per sample for refined parts:
+
+* `normalise="minmax"` (default), as the official code's `mapRange`:
+  `p^ = (p - min_s p) / (max_s p - min_s p)`; a part that is constant over the
+  positions (zero range) gives no edit.
+* `normalise="max"`: `p^ = p / max_s p` (this package's first form; a part that
+  is zero everywhere gives no edit). The two agree when the part (or union) is
+  zero somewhere, which global parts usually are; they differ for a part with
+  no zeros (a union covering the image, many refined parts).
+
+Masks are not rescaled: they are the weights a user asked for. A mask at image
+resolution `[H, W]` is area-averaged onto the `(h, w)` feature grid: each
+feature cell takes the mean of the `H/h x W/w` block of pixels it covers (`H`,
+`W` must be multiples of `h`, `w`; a mask at the feature resolution is used as
+is). A binary mask equal to the support of a binary part therefore gives
+exactly the part's edit.
+
+Indices (parts, appearances, the background, rewrite's source and target) are
+checked when concrete; a traced index out of range gives NaN features
+(`interpret.take_index`). So a batch of edits can be one `vmap`:
+
+    jax.vmap(lambda k, j, alpha: edit(z, A, P, k, j, alpha))(ks, js, alphas)
+
+gives `[t, n, h, w, c]`, one edit of every sample per `(k, j, alpha)` triple.
 """
 from __future__ import annotations
 
@@ -54,6 +72,9 @@ def downsample_mask(mask, grid):
   return jnp.reshape(jnp.mean(blocks, axis=(-3, -1)), lead + (h * w,))
 
 
+NORMALISATIONS = ("minmax", "max")
+
+
 def _check_parts(parts, n: int, s: int):
   if parts.ndim == 2 and parts.shape[0] == s:
     return
@@ -63,25 +84,70 @@ def _check_parts(parts, n: int, s: int):
                    f"got shape {tuple(parts.shape)}")
 
 
-def part_weights(part, parts, features):
-  """The spatial weights of an edit: `[s]` or `[n, s]` (see the module doc)."""
-  z, _ = _checks.flatten_features(features)
-  n, s, _ = z.shape
-  if isinstance(part, (int, np.integer, list, tuple)):
-    _check_parts(parts, n, s)
-    indices = [part] if isinstance(part, (int, np.integer)) else list(part)
-    if not indices:
+def _part_indices(part):
+  """The part indices of `part`: int32 `[]` (one part) or `[t]` (a union); None for a mask."""
+  if isinstance(part, (list, tuple)):
+    if not part:
       raise ValueError("part: an empty list of parts")
-    for k in indices:
-      _checks.check_index(k, parts.shape[-1], "part")
-    if len(set(int(k) for k in indices)) != len(indices):
-      raise ValueError(f"part: repeated indices in {part!r}")
-    summed = jnp.sum(parts[..., np.asarray(indices)], axis=-1)  # [(n,) s]
-    peak = jnp.max(summed, axis=-1, keepdims=True)
-    return jnp.where(peak > 0, summed / jnp.where(peak > 0, peak, 1), 0)
+    for k in part:
+      if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool)
+              or jnp.issubdtype(getattr(k, "dtype", np.float32), jnp.integer)
+              and jnp.ndim(k) == 0):
+        raise ValueError(f"part: a list of parts must hold integers, got {part!r}")
+    return jnp.stack([jnp.asarray(k, jnp.int32) for k in part])
+  if isinstance(part, (bool, np.bool_)):
+    raise ValueError(f"part must be an index, a list of indices or a mask, got {part!r}")
+  if isinstance(part, (int, np.integer)):
+    return jnp.asarray(part, jnp.int32)
   if not hasattr(part, "shape"):
     raise ValueError("part must be an int, a list of ints, or an array mask, "
                      f"got {type(part).__name__}")
+  if not jnp.issubdtype(part.dtype, jnp.integer):
+    return None
+  if part.ndim > 1:
+    raise ValueError(f"an integer array part holds part indices (0-d or 1-d), got shape "
+                     f"{tuple(part.shape)}; pass a mask as a float or bool array")
+  return part.astype(jnp.int32)
+
+
+def normalise_part(summed, normalise: str = "minmax"):
+  """Maps a part `[(n,) s]` (`P >= 0`) into [0, 1] per sample (see the module doc).
+
+  Args:
+    summed: a part or a union of parts, `[s]` or `[n, s]`.
+    normalise: "minmax" (the official code's `mapRange`) or "max".
+
+  Returns:
+    `p^`, the shape of `summed`; zero where the part has no range.
+  """
+  if normalise not in NORMALISATIONS:
+    raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+  low = jnp.min(summed, axis=-1, keepdims=True) if normalise == "minmax" else 0
+  span = jnp.max(summed, axis=-1, keepdims=True) - low
+  # `span == 0`, not `span <= 0`: the NaN of an out-of-range traced index must reach the edit.
+  return jnp.where(span == 0, 0, (summed - low) / jnp.where(span == 0, 1, span))
+
+
+def part_weights(part, parts, features, normalise: str = "minmax"):
+  """The spatial weights of an edit: `[s]` or `[n, s]` (see the module doc).
+
+  Args:
+    part: indices or a mask (module doc); parts: `[s, r_s]` or `[n, s, r_s]`;
+    features: `[n, h, w, c]` or `[n, s, c]` (their shape only).
+    normalise: how parts are mapped into [0, 1] ("minmax" or "max").
+  """
+  z, _ = _checks.flatten_features(features)
+  n, s, _ = z.shape
+  indices = _part_indices(part)
+  if indices is not None:
+    _check_parts(parts, n, s)
+    if _checks.is_concrete(indices) and indices.ndim == 1:
+      values = np.asarray(indices).tolist()
+      if len(set(values)) != len(values):
+        raise ValueError(f"part: repeated indices in {values!r}")
+    chosen = interpret.take_index(parts, indices, "part")  # [(n,) s] or [(n,) s, t]
+    summed = chosen if indices.ndim == 0 else jnp.sum(chosen, axis=-1)  # [(n,) s]
+    return normalise_part(summed, normalise)
   mask = jnp.asarray(part).astype(z.dtype)
   if mask.ndim == 1:
     if mask.shape[0] != s:
@@ -102,6 +168,14 @@ def part_weights(part, parts, features):
   return mask
 
 
+def _vector(appearances, index, name: str):
+  """One column of A, `[c]`, for an index that may be traced."""
+  vector = interpret.take_index(appearances, index, name)
+  if vector.ndim != 1:
+    raise ValueError(f"{name} must be one index, got shape {tuple(jnp.shape(index))}")
+  return vector
+
+
 def _alpha(alpha, n: int):
   """A scalar or `[n]` strength as `[n or 1, 1, 1]`."""
   _checks.check_finite(alpha, "alpha")
@@ -118,7 +192,7 @@ def _direction(weights, vector, alpha):
   return alpha * jnp.reshape(weights, (-1, s, 1)) * jnp.reshape(vector, (1, 1, -1))
 
 
-def edit_many(features, appearances, parts, edits: Sequence):
+def edit_many(features, appearances, parts, edits: Sequence, *, normalise: str = "minmax"):
   """Several local edits at once: `Z_i + sum_t alpha_t a_(j_t) p^_(k_t)^T`.
 
   Args:
@@ -126,11 +200,16 @@ def edit_many(features, appearances, parts, edits: Sequence):
     appearances: A, `[c, r_c]`.
     parts: P, `[s, r_s]`, or refined per-sample parts `[n, s, r_s]`.
     edits: a sequence of `(part, appearance, alpha)` triples: `part` as in the
-      module doc, `appearance` an integer column j of A, `alpha` a scalar or
-      `[n]` strength.
+      module doc, `appearance` a column j of A (an int or an integer scalar
+      array, may be traced), `alpha` a scalar or `[n]` strength.
+    normalise: "minmax" (default, the official code) or "max": how parts are
+      mapped into [0, 1] (module doc); masks are never rescaled.
 
   Returns:
     the edited features, in the layout of `features`.
+
+  Example:
+    >>> both = pj.edit_many(features, A, P, [(0, 1, 5.0), ([2, 3], 0, -5.0)])
   """
   z, unflatten = _checks.flatten_features(features)
   _checks.check_factors(z.shape, appearances)
@@ -140,31 +219,35 @@ def edit_many(features, appearances, parts, edits: Sequence):
   n = z.shape[0]
   delta = 0
   for part, appearance, alpha in edits:
-    _checks.check_index(appearance, appearances.shape[1], "appearance")
-    delta = delta + _direction(part_weights(part, parts, features),
-                               appearances[:, appearance], _alpha(alpha, n))
+    delta = delta + _direction(part_weights(part, parts, features, normalise),
+                               _vector(appearances, appearance, "appearance"),
+                               _alpha(alpha, n))
   return unflatten(z + delta.astype(z.dtype))
 
 
-def edit(features, appearances, parts, part, appearance: int, alpha):
-  """Local edit `Z_i + alpha a_j p^_k^T` (Sec. 3.3.1), p^_k normalised to [0, 1].
+def edit(features, appearances, parts, part, appearance, alpha, *, normalise: str = "minmax"):
+  """Local edit `Z_i + alpha a_j p^_k^T` (Sec. 3.3.1), `p^_k` the part mapped to [0, 1].
 
   Args:
     features: `[n, h, w, c]` or `[n, s, c]`.
     appearances: A, `[c, r_c]`.
     parts: P, `[s, r_s]`, or refined per-sample parts `[n, s, r_s]`.
-    part: an index k, a list of indices (their union), or a `[s]`, `[H, W]`
-      or `[n, H, W]` mask in [0, 1] (see the module doc).
-    appearance: j, a column of A.
+    part: an index k, several indices (their union), or a `[s]`, `[H, W]`
+      or `[n, H, W]` float mask in [0, 1] (see the module doc). Indices may be
+      traced integer arrays.
+    appearance: j, a column of A (an int or an integer scalar array).
     alpha: the strength, a scalar or `[n]`.
+    normalise: "minmax" (default, the official code's `mapRange`) or "max".
 
   Returns:
     the edited features, in the layout of `features`.
 
   Example:
-    >>> edited = pj.edit(z, factors.appearances, factors.parts, 3, 0, 30.0)
+    >>> edited = pj.edit(features, A, P, part=3, appearance=0, alpha=30.0)
+    >>> strip = jax.vmap(lambda k: pj.edit(features, A, P, k, 0, 30.0))(jnp.arange(4))
   """
-  return edit_many(features, appearances, parts, [(part, appearance, alpha)])
+  return edit_many(features, appearances, parts, [(part, appearance, alpha)],
+                   normalise=normalise)
 
 
 def propose_background(features, appearances, *, mu=None, border: int = 1):
@@ -205,12 +288,13 @@ def propose_background(features, appearances, *, mu=None, border: int = 1):
 
 
 def remove_object(features, appearances, parts, part, alpha, *,
-                  background=None, mu=None, border: int = 1):
+                  background=None, mu=None, border: int = 1, normalise: str = "minmax"):
   """Object removal (Sec. 5.1.1): adds the background concept at `part`.
 
-  `Z_i + alpha a_b p^^T` with b = `background`, or, when None, the concept
-  proposed by `propose_background(features, appearances, mu=mu,
-  border=border)`. `part` and `alpha` are as in `edit`.
+  `Z_i + alpha a_b p^^T` with b = `background` (an int or an integer scalar
+  array, may be traced), or, when None, the concept proposed by
+  `propose_background(features, appearances, mu=mu, border=border)`. `part`,
+  `alpha` and `normalise` are as in `edit`.
 
   Returns:
     `(edited features, b)`.
@@ -220,48 +304,54 @@ def remove_object(features, appearances, parts, part, alpha, *,
   if background is None:
     background, _ = propose_background(features, appearances, mu=mu,
                                        border=border)
-  else:
-    _checks.check_index(background, appearances.shape[1], "background")
-  vector = jnp.take(appearances, background, axis=1)  # [c]
-  delta = _direction(part_weights(part, parts, features), vector,
+  delta = _direction(part_weights(part, parts, features, normalise),
+                     _vector(appearances, background, "background"),
                      _alpha(alpha, z.shape[0]))
   return unflatten(z + delta.astype(z.dtype)), background
 
 
-def rewrite(features, appearances, source: int, target: int, alpha):
+def rewrite(features, appearances, source, target, alpha, *, keep_residual: bool = True):
   """Concept rewriting (Sec. 5.5): moves concept j's positive mass onto k.
 
   With the coefficients `Z^_i = A^T Z_i` (rows = concepts), Eqs. (14)-(16):
-  `Z^_i(k,:) += alpha [Z^_i(j,:)]_+` and `Z^_i(j,:) := [Z^_i(j,:)]_-`, and the
-  features are reconstructed as `Z_i + A (Z^'_i - Z^_i)`, i.e.
-  `Z_i + a_k alpha [Z^_i(j,:)]_+ - a_j [Z^_i(j,:)]_+`. With the full
-  orthogonal basis of the paper (`r_c = c`, `A A^T = I`) this is exactly the
-  paper's `A Z^'_i`; with `r_c < c` it also keeps the part of `Z_i` outside
-  the span of A, which `A Z^'_i` would drop.
+  `Z^_i(k,:) += alpha [Z^_i(j,:)]_+` and `Z^_i(j,:) := [Z^_i(j,:)]_-`. The
+  paper renders `A Z^'_i`; by default (`keep_residual=True`) the features are
+  `Z_i + A (Z^'_i - Z^_i) = Z_i + alpha a_k [Z^_i(j,:)]_+ - a_j [Z^_i(j,:)]_+`,
+  which also keeps the part `(I - A A^T) Z_i` of the features outside the span
+  of A. With the full orthogonal basis of the paper's figures (`r_c = c`,
+  `A A^T = I`) the two are equal; with `r_c < c`, `keep_residual=False` gives
+  the paper's `A Z^'_i`, which drops that part (and so changes the image where
+  concept j is absent too).
 
   Args:
     features: `[n, h, w, c]` or `[n, s, c]`.
-    appearances: A, `[c, r_c]`.
-    source: j, the concept to replace.
-    target: k, the concept written in its place (k != j).
+    appearances: A, `[c, r_c]`; Eqs. (14)-(16) rely on orthonormal columns
+      (`A^T` is then the inverse of `A` on its span; `Factors.orthogonality_error`).
+    source: j, the concept to replace (an int or an integer scalar array).
+    target: k, the concept written in its place (k != j when concrete).
     alpha: the strength, a scalar or `[n]`.
+    keep_residual: True: `Z_i + A (Z^'_i - Z^_i)`; False: the paper's `A Z^'_i`.
 
   Returns:
     the rewritten features, in the layout of `features`.
+
+  Example:
+    >>> rewritten = pj.rewrite(features, A, source=0, target=2, alpha=1.0)
   """
   z, unflatten = _checks.flatten_features(features)
   _checks.check_factors(z.shape, appearances)
-  r_c = appearances.shape[1]
-  _checks.check_index(source, r_c, "source")
-  _checks.check_index(target, r_c, "target")
-  if source == target:
-    raise ValueError(f"source and target must differ, got {source} twice")
-  a_j, a_k = appearances[:, source], appearances[:, target]
+  a_j = _vector(appearances, source, "source")  # [c]
+  a_k = _vector(appearances, target, "target")  # [c]
+  if (_checks.is_concrete(source) and _checks.is_concrete(target)
+      and int(source) == int(target)):
+    raise ValueError(f"source and target must differ, got {int(source)} twice")
   positive = jnp.maximum(
-      jnp.einsum("nsc,c->ns", z, a_j, precision=_HIGHEST), 0)  # [n, s] Eq. 14
-  alpha = _alpha(alpha, z.shape[0])
-  delta = (alpha * jnp.reshape(positive, positive.shape + (1,))
-           * jnp.reshape(a_k, (1, 1, -1))
-           - jnp.reshape(positive, positive.shape + (1,))
-           * jnp.reshape(a_j, (1, 1, -1)))  # [n, s, c] Eqs. 15-16
-  return unflatten(z + delta.astype(z.dtype))
+      jnp.einsum("nsc,c->ns", z, a_j, precision=_HIGHEST), 0)[..., None]  # [n, s, 1] Eq. 14
+  delta = (_alpha(alpha, z.shape[0]) * positive * a_k[None, None]
+           - positive * a_j[None, None])  # [n, s, c], A (Z^' - Z^): Eqs. 15-16
+  if keep_residual:
+    base = z
+  else:  # A Z^' = A A^T Z + A (Z^' - Z^), as (Z A) A^T: O(n s c r_c), no [c, c] product.
+    coefficients = jnp.einsum("nsc,cr->nsr", z, appearances, precision=_HIGHEST)  # [n, s, r_c]
+    base = jnp.einsum("nsr,cr->nsc", coefficients, appearances, precision=_HIGHEST)
+  return unflatten(base + delta.astype(z.dtype))

@@ -31,7 +31,7 @@ def _renderer(gen, latents, layer: int, noise_key):
 
 
 def edit_images(gen, latents, layer: int, appearances, parts, edits: Sequence,
-                *, noise_key=None):
+                *, normalise: str = "minmax", noise_key=None):
   """Images before and after `editing.edit_many` at `layer` (Sec. 3.3.1).
 
   Args:
@@ -39,17 +39,19 @@ def edit_images(gen, latents, layer: int, appearances, parts, edits: Sequence,
     layer: the layer the factors were fitted at (static).
     appearances: A, `[c, r_c]`; parts: P, `[s, r_s]` or refined `[n, s, r_s]`.
     edits: `(part, appearance, alpha)` triples, as in `editing.edit_many`.
+    normalise: "minmax" or "max", as in `editing.edit_many`.
 
   Returns:
     `(originals, edited)`, each `[n, H, W, ch]`.
   """
   x, render = _renderer(gen, latents, layer, noise_key)
-  return render(x), render(editing.edit_many(x, appearances, parts, edits))
+  return render(x), render(editing.edit_many(x, appearances, parts, edits,
+                                             normalise=normalise))
 
 
 def remove_object_images(gen, latents, layer: int, appearances, parts, part,
                          alpha, *, background=None, mu=None, border: int = 1,
-                         noise_key=None):
+                         normalise: str = "minmax", noise_key=None):
   """Images before and after `editing.remove_object` (Sec. 5.1.1).
 
   Returns:
@@ -59,20 +61,20 @@ def remove_object_images(gen, latents, layer: int, appearances, parts, part,
   x, render = _renderer(gen, latents, layer, noise_key)
   edited, background = editing.remove_object(
       x, appearances, parts, part, alpha, background=background, mu=mu,
-      border=border)
+      border=border, normalise=normalise)
   return render(x), render(edited), background
 
 
-def rewrite_images(gen, latents, layer: int, appearances, source: int,
-                   target: int, alpha, *, noise_key=None):
+def rewrite_images(gen, latents, layer: int, appearances, source, target, alpha, *,
+                   keep_residual: bool = True, noise_key=None):
   """Images before and after `editing.rewrite` (Sec. 5.5, Eqs. 14-16).
 
   Returns:
     `(originals, rewritten)`, each `[n, H, W, ch]`.
   """
   x, render = _renderer(gen, latents, layer, noise_key)
-  return render(x), render(editing.rewrite(x, appearances, source, target,
-                                           alpha))
+  return render(x), render(editing.rewrite(x, appearances, source, target, alpha,
+                                           keep_residual=keep_residual))
 
 
 def saliency_images(gen, latents, layer: int, appearances, *,
@@ -129,7 +131,7 @@ def concept_means_sampled(gen, key, layer: int, appearances, **sampling):
       sampled_features(gen, key, layer, **sampling), appearances)
 
 
-def rank_sampled(gen, key, layer: int, appearances, appearance: int, part=None,
+def rank_sampled(gen, key, layer: int, appearances, appearance, part=None,
                  *, k: int = 10, **sampling) -> interpret.Ranking:
   """Top/bottom-k samples by Eq. (17) / (18), streamed over sampled latents.
 

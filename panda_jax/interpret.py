@@ -5,6 +5,10 @@ part-based ranking (Section 5.6, Eqs. 17-18). Everything works on feature arrays
 (`[n, h, w, c]` or `[n, s, c]`) and factors, and is jittable; the dataset-level
 statistics (the concept means mu_k, the top/bottom ranking) are streamed over
 batches as pure `init / update / finalize` triples, so no dataset is ever held.
+
+Indices of appearances (and of parts, in `editing`) may be Python ints or
+integer arrays, concrete or traced (`take_index`), so a ranking or an edit can
+be `jit`-ed or `vmap`-ed over them.
 """
 from __future__ import annotations
 
@@ -18,6 +22,45 @@ import numpy as np
 from panda_jax import _checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def take_index(matrix, index, name: str):
+  """Columns `index` of `matrix` (`[..., r]`), for an index that may be traced.
+
+  Args:
+    matrix: `[..., r]`, e.g. the appearances `[c, r_c]` or parts `[(n,) s, r_s]`.
+    index: a Python int or an integer array, `[]` or `[t]`, concrete or traced
+      (inside `jit` / `vmap`).
+    name: the argument's name, for errors.
+
+  Returns:
+    `[...]` for a scalar index, `[..., t]` for `[t]` indices.
+
+  Raises:
+    ValueError: a concrete index that is not an integer in `[0, r)`, or an
+      array index that is not 0-d or 1-d. A traced index cannot be checked:
+      one outside `[0, r)` (negative ones included) selects a column of NaNs, so
+      a bad index shows as NaN in the result instead of silently selecting
+      another column.
+  """
+  size = matrix.shape[-1]
+  if isinstance(index, (bool, np.bool_)) or not (
+      isinstance(index, (int, np.integer))
+      or jnp.issubdtype(getattr(index, "dtype", np.float32), jnp.integer)):
+    raise ValueError(f"{name} must be an integer in [0, {size}) or an integer array, "
+                     f"got {index!r}")
+  index = jnp.asarray(index)
+  if index.ndim > 1:
+    raise ValueError(f"{name} must be an integer or a 1-d integer array, got shape "
+                     f"{tuple(index.shape)}")
+  if _checks.is_concrete(index):
+    values = np.asarray(index)
+    if values.size and (values.min() < 0 or values.max() >= size):
+      shown = values.tolist()
+      raise ValueError(f"{name} must be an integer in [0, {size}), got {shown!r}")
+  # Negative indices would wrap around: send them past the end, where the gather fills NaN.
+  index = jnp.where(index < 0, size, index)
+  return jnp.take(matrix, index, axis=-1, mode="fill", fill_value=jnp.nan)
 
 
 def feature_grid(features) -> tuple[int, int]:
@@ -49,6 +92,11 @@ def saliency(features, appearances):
   Returns:
     `[n, s, r_c]`: entry `(i, s, k)` is how much of appearance k is at position
     s of sample i (the coordinates of the channel fibres in the basis A).
+
+  Relies on A having orthonormal columns: only then is `a_k^T z` the amount of
+  appearance k in a fibre rather than a mix with its neighbours (`pj.fit`
+  reports the drift as `Factors.orthogonality_error` and warns above
+  `pj.ORTHOGONALITY_BOUND`).
   """
   z, _ = _checks.flatten_features(features)
   _checks.check_factors(z.shape, appearances)
@@ -136,13 +184,14 @@ def localise(maps, mu):
   return maps >= jnp.reshape(mu, (1,) * (maps.ndim - 1) + mu.shape)
 
 
-def rank(features, appearances, appearance: int, part=None):
+def rank(features, appearances, appearance, part=None):
   """Amount of concept j per sample: Eq. (17), or Eq. (18) at a part.
 
   Args:
     features: `[n, h, w, c]` or `[n, s, c]`.
     appearances: A, `[c, r_c]`.
-    appearance: j, the column of A.
+    appearance: j, the column of A: an int or an integer scalar array (may be
+      traced, e.g. `jax.vmap` over appearances; see `take_index`).
     part: None for the global score `r_ij = a_j^T Z_i 1` (Eq. 17), or a
       non-negative spatial weight, `[s]` (a column of P, a mask) or `[n, s]` (a
       refined per-sample part), for `r_ijk = a_j^T Z_i p_k` (Eq. 18).
@@ -152,10 +201,11 @@ def rank(features, appearances, appearance: int, part=None):
   """
   z, _ = _checks.flatten_features(features)
   _checks.check_factors(z.shape, appearances)
-  _checks.check_index(appearance, appearances.shape[1], "appearance")
+  a_j = take_index(appearances, appearance, "appearance")  # [c]
+  if a_j.ndim != 1:
+    raise ValueError(f"appearance must be one index, got shape {tuple(jnp.shape(appearance))}")
   n, s, _ = z.shape
-  m = jnp.einsum("nsc,c->ns", z, appearances[:, appearance],
-                 precision=_HIGHEST)  # [n, s]
+  m = jnp.einsum("nsc,c->ns", z, a_j, precision=_HIGHEST)  # [n, s]
   if part is None:
     return jnp.sum(m, axis=1)
   part = jnp.asarray(part)
@@ -230,7 +280,7 @@ def rank_finalize(state: RankState) -> Ranking:
                  bottom_scores=np.asarray(state.bottom_scores)[:k])
 
 
-def rank_dataset(batches: Iterable, appearances, appearance: int, part=None,
+def rank_dataset(batches: Iterable, appearances, appearance, part=None,
                  *, k: int = 10) -> Ranking:
   """Streams `rank` (Eq. 17 / 18) over feature batches; the top and bottom `k`.
 

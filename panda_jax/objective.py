@@ -34,8 +34,17 @@ so a full block-coordinate step costs about 6 s c r_s per sample (three passes
 over Z: M, Z^T D, and M at the new parts) against the O(s^2 c) of the official
 left-to-right order, which also holds an `[s, s]` matrix per sample. No `[s, s]`
 and no per-sample `[c, c]` matrix is ever formed here.
+
+Sums over samples. `loss` and `gradients` (and the steps of
+`panda_jax.decomposition`) take `axis_name=None`; given a name, each sum over
+samples is completed by `psum` over that axis (`sum_samples`), so the same
+functions run on one shard of the batch per device inside a caller's `pmap` or
+`shard_map`.
 """
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +56,49 @@ def unfold(features) -> jax.Array:
   """`[n, s, c]` or `[n, h, w, c]` features -> `[n, c, s]` mode-3 unfoldings."""
   z, _ = _checks.flatten_features(features)
   return jnp.swapaxes(z, 1, 2)
+
+
+class Unfolded(NamedTuple):
+  """A feature batch in the paper's mode-3 unfolding: `z` `[n, c, s]` (`Z_i(3)` per sample).
+
+  Every function of the factorisation accepts it in place of channels-last
+  features. Transposing a batch costs a pass over it (about as much as one
+  `Z P` product, and XLA does not hoist it out of a loop), so a loop of steps
+  over one batch should transpose it once: `batch = unfolded(features)`.
+  """
+  z: jax.Array
+
+
+def unfolded(features) -> Unfolded:
+  """`[n, s, c]` or `[n, h, w, c]` features -> `Unfolded` (`[n, c, s]`)."""
+  return Unfolded(unfold(features))
+
+
+def batch_z(features) -> jax.Array:
+  """`[n, c, s]` from channels-last features or an `Unfolded` batch."""
+  return features.z if isinstance(features, Unfolded) else unfold(features)
+
+
+def sum_samples(x, axis_name=None):
+  """Completes a sum over samples: `psum` over `axis_name` (each device holds a shard), or `x`."""
+  return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def check_batch(z: jax.Array, appearances, parts=None) -> None:
+  """Shapes of `z` `[n, c, s]` against `A` `[c, r_c]` and `P` `[s, r_s]` (static: works under jit)."""
+  _checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
+
+
+def orthogonality_error(appearances) -> float:
+  """`max |A^T A - I|` of appearances `[c, r_c]` (an `[r_c, r_c]` product, once).
+
+  `saliency`, `rewrite` and `refine` read `A^T Z_i` as coordinates in an
+  orthonormal basis; Algorithm 1 starts `A` orthonormal (HOSVD) but its
+  unconstrained gradient steps let it drift.
+  """
+  a = jnp.asarray(appearances)
+  gram = a.T @ a
+  return float(jnp.max(jnp.abs(gram - jnp.eye(gram.shape[0], dtype=gram.dtype))))
 
 
 def project_parts(z: jax.Array, parts: jax.Array) -> jax.Array:
@@ -105,27 +157,33 @@ def loss_change(lam, decoded, d_lam, d_decoded, gram_p, d_gram_p=None) -> jax.Ar
   return change
 
 
-def loss(features, appearances, parts) -> jax.Array:
-  """Eq. (3): `sum_i ||Z_i - A (A^T Z_i P) P^T||_F^2`, summed over the batch.
+def loss(features, appearances, parts, *, axis_name=None) -> jax.Array:
+  """Eq. (3): `sum_i ||Z_i - A (A^T Z_i P) P^T||_F^2`, summed over the batch (jitted).
 
   Args:
-    features: `[n, s, c]` or `[n, h, w, c]`.
+    features: `[n, s, c]` or `[n, h, w, c]`, or an `Unfolded` batch.
     appearances: `A`, `[c, r_c]`.
     parts: `P`, `[s, r_s]`.
+    axis_name: with a name, `features` is this device's shard and the sum runs
+      over the samples of every device on that axis (`psum`).
 
   Returns:
     A scalar. The residual is formed explicitly (one `[n, c, s]` temporary),
     ordered as `(A Lambda_i) P^T`, so the value is accurate to float rounding
     of the residual itself.
   """
-  z = unfold(features)
-  _checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
+  z = batch_z(features)
+  check_batch(z, appearances, parts)
+  return _residual_loss(z, appearances, parts, axis_name=axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _residual_loss(z, appearances, parts, axis_name):
   n, c, s = z.shape
-  zp = project_parts(z, parts)
-  decoded = jnp.einsum("cr,nrq->ncq", appearances, coefficients(zp, appearances))
+  decoded = decode(coefficients(project_parts(z, parts), appearances), appearances)
   recon = jnp.reshape(jnp.reshape(decoded, (n * c, -1)) @ parts.T, (n, c, s))
   residual = z - recon
-  return jnp.vdot(residual, residual).real
+  return sum_samples(jnp.vdot(residual, residual).real, axis_name)
 
 
 def parts_gradient(z, zp, appearances, parts) -> jax.Array:
@@ -155,9 +213,18 @@ def appearances_gradient(zp, appearances, parts) -> jax.Array:
                 - 2.0 * jnp.einsum("ncq,nrq->cr", zp, lam))
 
 
-def gradients(features, appearances, parts):
-  """Both block gradients of Eq. (3) at `(A, P)`: `(dL/dA [c, r_c], dL/dP [s, r_s])`."""
-  z = unfold(features)
-  _checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
+def gradients(features, appearances, parts, *, axis_name=None):
+  """Both block gradients of Eq. (3) at `(A, P)`: `(dL/dA [c, r_c], dL/dP [s, r_s])` (jitted).
+
+  `features` as in `loss`; with `axis_name`, both are summed over every device's samples.
+  """
+  z = batch_z(features)
+  check_batch(z, appearances, parts)
+  return _gradients(z, appearances, parts, axis_name=axis_name)
+
+
+@functools.partial(jax.jit, static_argnames=("axis_name",))
+def _gradients(z, appearances, parts, axis_name):
   zp = project_parts(z, parts)
-  return appearances_gradient(zp, appearances, parts), parts_gradient(z, zp, appearances, parts)
+  return (sum_samples(appearances_gradient(zp, appearances, parts), axis_name),
+          sum_samples(parts_gradient(z, zp, appearances, parts), axis_name))

@@ -49,6 +49,12 @@ def part_label_maps(parts, grid, size, method: str = "bilinear"):
     size: the image size `(H, W)`.
     method: `jax.image.resize` method ("bilinear", or "nearest" for blocks).
   """
+  fields = _upsampled(relative_parts(_batched_parts(parts, grid)), grid, size, method)
+  return jnp.argmax(fields, axis=-1).astype(jnp.int32)
+
+
+def _batched_parts(parts, grid):
+  """`[s, r_s]` or `[n, s, r_s]` -> `[1 or n, s, r_s]`, `s = h * w` checked."""
   parts = jnp.asarray(parts)
   h, w = grid
   if parts.ndim == 2:
@@ -56,10 +62,14 @@ def part_label_maps(parts, grid, size, method: str = "bilinear"):
   if parts.ndim != 3 or parts.shape[1] != h * w:
     raise ValueError(f"parts must be [s={h * w}, r_s] or [n, s={h * w}, r_s], got shape "
                      f"{tuple(parts.shape)}")
+  return parts
+
+
+def _upsampled(parts, grid, size, method):
+  """`[n, s, r_s]` on the grid `(h, w)` -> `[n, H, W, r_s]` by `jax.image.resize`."""
   n, _, r_s = parts.shape
-  fields = jax.image.resize(jnp.reshape(relative_parts(parts), (n, h, w, r_s)), (n,) + tuple(size) + (r_s,),
-                            method=method)
-  return jnp.argmax(fields, axis=-1).astype(jnp.int32)
+  return jax.image.resize(jnp.reshape(parts, (n,) + tuple(grid) + (r_s,)),
+                          (n,) + tuple(size) + (r_s,), method=method)
 
 
 def iou_matrix(masks, labels, num_labels: int):
@@ -139,3 +149,103 @@ def fixed_region_bound(labels, num_labels: int):
   size = jnp.arange(1, freq.shape[0] + 1, dtype=jnp.float32)[:, None]
   iou = covered / (jnp.sum(freq, axis=0) + size - covered)
   return jnp.max(iou, axis=0)
+
+
+# ----------------------------------------------------------------------------- region masks
+# Ground truth given as (possibly overlapping) boolean region masks per sample,
+# e.g. landmark regions of a real face GAN (`panda_jax.landmarks`), instead of
+# one label per pixel: each part becomes its own binary mask by thresholding,
+# and IoUs are per sample, then averaged ("best-part IoU", issue 17).
+
+
+def threshold_part_masks(parts, grid, size, threshold: float = 0.5):
+  """Each part as a binary image mask, bool `[1 or n, H, W, r_s]` from `[s, r_s]` or `[n, s, r_s]`.
+
+  A part is bilinearly upsampled from the grid `(h, w)` to `size=(H, W)` with
+  half-pixel centres (`jax.image.resize(method="bilinear")`, the convention of
+  torch's `interpolate(align_corners=False)`: output pixel `x` samples the
+  grid at `(x + 0.5) h / H - 0.5`, clamped to the edge cells), divided by its
+  maximum over the image (per sample for per-sample parts), and kept where it
+  is `>= threshold`. A part with no positive value is empty.
+  """
+  parts = _batched_parts(jnp.asarray(parts, jnp.float32), grid)
+  fields = _upsampled(parts, grid, size, "bilinear")                    # [n, H, W, r_s]
+  peak = jnp.max(fields, axis=(1, 2), keepdims=True)
+  return (fields >= threshold * peak) & (peak > 0)
+
+
+def region_ious(part_masks, regions):
+  """Per-sample IoU of every region with every part mask: `[n, L, k]`.
+
+  Args:
+    part_masks: bool `[n, H, W, k]` (or `[1, H, W, k]`, shared by all samples).
+    regions: bool `[n, H, W, L]`.
+
+  Returns:
+    `[n, L, k]`; 0 where a region and a mask are both empty.
+  """
+  regions = jnp.asarray(regions)
+  part_masks = jnp.asarray(part_masks)
+  if regions.ndim != 4:
+    raise ValueError(f"regions must be [n, H, W, L], got shape {tuple(regions.shape)}")
+  if (part_masks.ndim != 4 or part_masks.shape[1:3] != regions.shape[1:3]
+      or part_masks.shape[0] not in (1, regions.shape[0])):
+    raise ValueError(f"part masks must be [n or 1, H, W, k] matching regions "
+                     f"{tuple(regions.shape)}, got shape {tuple(part_masks.shape)}")
+  r = regions.astype(jnp.float32)
+  m = jnp.broadcast_to(part_masks, regions.shape[:3] + part_masks.shape[-1:]).astype(jnp.float32)
+  inter = jnp.einsum("nhwl,nhwk->nlk", r, m, precision=_HIGHEST)       # [n, L, k], exact counts
+  union = jnp.sum(r, axis=(1, 2))[:, :, None] + jnp.sum(m, axis=(1, 2))[:, None, :] - inter
+  return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0.0)
+
+
+def best_region_part_iou(parts, regions, grid, *, detected=None, threshold: float = 0.5,
+                         match: str = "global"):
+  """Best-part IoU of each region (issue 17's metric for a real GAN with landmark regions).
+
+  Each part becomes a binary mask (`threshold_part_masks`); the IoU of region
+  l and part k is computed per sample and averaged over the detected samples;
+  each region's best part is the one of highest mean IoU (`match="global"`:
+  one part per region for every sample, for global parts and for per-sample
+  parts whose indices correspond across samples, such as refined parts).
+
+  `match="per_sample"` instead takes every sample's own best part before
+  averaging (`mean_i max_k IoU_i(l, k)`), for per-sample parts whose indices
+  mean nothing across samples (a k-means of each sample's fibres): the match
+  then uses the ground truth of every sample, so it is an optimistic score.
+
+  Args:
+    parts: `[s, r_s]` or `[n, s, r_s]` on the feature grid `grid=(h, w)`.
+    regions: bool `[n, H, W, L]` ground-truth regions (they may overlap).
+    grid: `(h, w)`.
+    detected: optional bool `[n]`: the samples scored (default all).
+    threshold: of the parts relative to their maximum.
+    match: "global" or "per_sample".
+
+  Returns:
+    `(best [L], match, ious [n, L, r_s])`: the per-sample IoUs of every region
+    and part (undetected samples included, for the caller's spreads); match
+    `[L]` int32 with "global", `[n, L]` with "per_sample" (each sample's best
+    part; -1 for undetected samples).
+  """
+  if match not in ("global", "per_sample"):
+    raise ValueError(f"match must be 'global' or 'per_sample', got {match!r}")
+  regions = jnp.asarray(regions, jnp.bool_)
+  if regions.ndim != 4:
+    raise ValueError(f"regions must be [n, H, W, L], got shape {tuple(regions.shape)}")
+  n = regions.shape[0]
+  keep = jnp.ones(n, bool) if detected is None else jnp.asarray(detected, jnp.bool_)
+  if keep.shape != (n,):
+    raise ValueError(f"detected must be [n={n}], got shape {tuple(keep.shape)}")
+  if not bool(jnp.any(keep)):
+    raise ValueError("no detected sample to score")
+  if jnp.ndim(parts) == 3 and jnp.shape(parts)[0] != n:
+    raise ValueError(f"per-sample parts are for {jnp.shape(parts)[0]} samples, regions for {n}")
+  ious = region_ious(threshold_part_masks(parts, grid, regions.shape[1:3], threshold), regions)
+  weights = keep.astype(jnp.float32) / jnp.sum(keep)
+  if match == "per_sample":
+    best = jnp.einsum("n,nl->l", weights, jnp.max(ious, axis=2), precision=_HIGHEST)
+    which = jnp.where(keep[:, None], jnp.argmax(ious, axis=2), -1).astype(jnp.int32)
+    return best, which, ious
+  mean = jnp.einsum("n,nlk->lk", weights, ious, precision=_HIGHEST)     # [L, r_s]
+  return jnp.max(mean, axis=1), jnp.argmax(mean, axis=1).astype(jnp.int32), ious

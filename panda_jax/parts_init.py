@@ -67,41 +67,55 @@ def _sq_distances(points, centres):
           + jnp.sum(centres**2, 1)[None, :])
 
 
-def _kmeans_pp(key, points, k: int):
-  """k-means++ seeding: `[k, d]` centres drawn with probability ~ D(x)^2."""
+def _kmeans_pp(key, points, k: int, weights=None):
+  """k-means++ seeding: `[k, d]` centres drawn with probability ~ w(x) D(x)^2."""
   keys = jax.random.split(key, k)
-  first = points[jax.random.randint(keys[0], (), 0, points.shape[0])]
+  if weights is None:
+    first = points[jax.random.randint(keys[0], (), 0, points.shape[0])]
+  else:
+    first = points[jax.random.categorical(keys[0], jnp.log(jnp.maximum(weights, 1e-30)))]
   centres = jnp.zeros((k, points.shape[1]), points.dtype).at[0].set(first)
   nearest = jnp.sum((points - first) ** 2, 1)
+  if weights is not None:
+    nearest = nearest * weights
 
   def pick(carry, i):
     centres, nearest = carry
     logits = jnp.log(jnp.maximum(nearest, 1e-30))
     centre = points[jax.random.categorical(keys[i], logits)]
-    nearest = jnp.minimum(nearest, jnp.sum((points - centre) ** 2, 1))
+    moved = jnp.sum((points - centre) ** 2, 1)
+    nearest = jnp.minimum(nearest, moved if weights is None else moved * weights)
     return (centres.at[i].set(centre), nearest), None
 
   (centres, _), _ = jax.lax.scan(pick, (centres, nearest), jnp.arange(1, k))
   return centres
 
 
-def _lloyd(points, centres, iterations: int):
-  """Lloyd iterations; an emptied cluster restarts at the worst-served point."""
+def _lloyd(points, centres, iterations: int, *, weights=None, reduce: Reduce = _no_reduce):
+  """Lloyd iterations: `(labels [m], inertia)`, sums over every shard by `reduce`.
+
+  `weights` `[m]` (default ones) weight each point in the means and the inertia.
+  An emptied cluster restarts at the worst-served point on one shard
+  (`reduce` the identity); over shards it keeps its centre, which every shard
+  holds alike.
+  """
   k = centres.shape[0]
+  weights = jnp.ones(points.shape[:1], points.dtype) if weights is None else weights
 
   def body(centres, _):
     dist = _sq_distances(points, centres)
-    labels = jnp.argmin(dist, 1)
-    one_hot = jax.nn.one_hot(labels, k, dtype=points.dtype)
-    counts = one_hot.sum(0)
-    means = (one_hot.T @ points) / jnp.maximum(counts, 1.0)[:, None]
-    worst = points[jnp.argmax(jnp.min(dist, 1))]
-    centres = jnp.where((counts > 0)[:, None], means, worst[None])
-    return centres, None
+    one_hot = jax.nn.one_hot(jnp.argmin(dist, 1), k, dtype=points.dtype) * weights[:, None]
+    counts = reduce(one_hot.sum(0))
+    means = reduce(one_hot.T @ points) / jnp.maximum(counts, 1.0)[:, None]
+    if reduce is _no_reduce:
+      refill = points[jnp.argmax(jnp.min(dist, 1) * weights)][None]
+    else:
+      refill = centres
+    return jnp.where((counts > 0)[:, None], means, refill), None
 
   centres, _ = jax.lax.scan(body, centres, None, length=iterations)
   dist = _sq_distances(points, centres)
-  return jnp.argmin(dist, 1), jnp.sum(jnp.min(dist, 1))
+  return jnp.argmin(dist, 1), reduce(jnp.sum(jnp.min(dist, 1) * weights))
 
 
 def kmeans(key, z, appearances, rank_s: int, *, restarts: int = 8, iterations: int = 30,
@@ -130,3 +144,48 @@ def kmeans(key, z, appearances, rank_s: int, *, restarts: int = 8, iterations: i
   labels = labels[jnp.argmin(inertia)]
   indicator = jax.nn.one_hot(labels, rank_s, dtype=z.dtype)
   return indicator / jnp.sqrt(jnp.maximum(indicator.sum(0), 1.0))
+
+
+def fibres(key, z, rank_s: int, *, restarts: int = 4, iterations: int = 30,
+           seed_points: int = 8192, reduce: Reduce = _no_reduce,
+           gather: Reduce = _no_reduce) -> jax.Array:
+  """Where each kind of channel fibre lives: `[s, r_s]`, unit-norm columns.
+
+  Every channel fibre `z_i[:, x]` of every sample is a point in `R^c`; k-means
+  (k-means++ on a subsample, then Lloyd over all fibres, `restarts` seeds, the
+  lowest inertia wins) sorts them into `r_s` kinds, and part k is the fraction
+  of samples whose fibre at position x is of kind k. Unlike the position
+  k-means of `kmeans` (positions compared by their fibres across samples, so
+  by what every sample has there, padding artefacts and left/right background
+  colours included), this groups positions by what *kind* of content sits
+  there, which on a real DCGAN (WORKSPACE.md, "Parts on a real GAN") is what
+  keeps the background ring and the mouth as parts.
+
+  Args:
+    key: PRNG key.
+    z: features `[n, c, s]` (this shard's; all-zero samples are padding and
+      are ignored).
+    rank_s: number of parts (kinds of fibre).
+    restarts, iterations: k-means seeds and Lloyd iterations per seed.
+    seed_points: fibres (over all shards) that k-means++ seeds from.
+    reduce: the sum over all shards (identity on one device).
+    gather: concatenation over shards along axis 0 (identity on one device).
+  """
+  n, c, s = z.shape
+  points = jnp.swapaxes(z, 1, 2).reshape(n * s, c)                    # [n s, c] fibres.
+  valid = jnp.any(z != 0, axis=(1, 2)).astype(z.dtype)                 # [n]: not padding.
+  weights = jnp.repeat(valid, s)
+  stride = max(1, (n * s) // seed_points)
+  seeds = gather(points[::stride])
+  seed_weights = gather(weights[::stride])
+  seed_key, _ = jax.random.split(key)
+
+  def run(key):
+    centres = _kmeans_pp(key, seeds, rank_s, weights=seed_weights)
+    return _lloyd(points, centres, iterations, weights=weights, reduce=reduce)
+
+  labels, inertia = jax.vmap(run)(jax.random.split(seed_key, restarts))
+  labels = labels[jnp.argmin(inertia)].reshape(n, s)
+  kinds = jax.nn.one_hot(labels, rank_s, dtype=z.dtype) * valid[:, None, None]
+  share = reduce(kinds.sum(0)) / jnp.maximum(reduce(valid.sum()), 1.0)  # [s, r_s]
+  return share / jnp.maximum(jnp.linalg.norm(share, axis=0, keepdims=True), 1e-30)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class LineSearch(NamedTuple):
@@ -76,8 +77,8 @@ def backtracking_step(objective: Callable[[jax.Array], tuple[jax.Array, Any]],
 
 
 def nonnegative(x: jax.Array) -> jax.Array:
-  """Projection onto the non-negative orthant, `max{0, x}` (Algorithm 1)."""
-  return jnp.maximum(x, 0.0)
+  """Projection onto the non-negative orthant, `max{0, x}` (Algorithm 1): optax's."""
+  return optax.projections.projection_non_negative(x)
 
 
 def identity(x: jax.Array) -> jax.Array:

@@ -3,12 +3,13 @@
 A card names everything an edit depends on, so that `replay` gives the same
 pixels again on the same machine, and refuses what does not match:
 
-    {"format": "panda-jax-recipe/1",
+    {"format": "panda-jax-recipe/2",
      "generator": {"name": "toyfaces", "sha256": <of its converted parameters>},
      "factors": {"path": "/tmp/panda", "sha256": <of A and P>, "layer": 5,
                  "rank_c": 16, "rank_s": 8},
      "edit": {"part": [2] | {"mask": <packed bits>, "shape": [H, W]},
-              "appearance": 3, "alpha": 12.5, "refined": false},
+              "appearance": 3, "alpha": 12.5, "normalise": "minmax",
+              "refined": false | {"method": "paper", "k": null, "steps": 50}},
      "samples": {"seed": 0, "truncation_psi": 1.0, "seeds": [0, 5]},
      "roir": {"mean": 0.1, "std": 0.02},
      "checksum": <sha256 of everything above>}
@@ -17,9 +18,14 @@ pixels again on the same machine, and refuses what does not match:
 sample `t` of the stream `fold_in(split(PRNGKey(seed))[0], t)`
 (`generator_ops.sample_latents`; the launchers' `--seed`). Every sample is
 rendered alone (batch of one), so its pixels never depend on which other seeds
-are replayed with it. `refined` edits use `refinement.refine`'s default
-per-sample parts. The checksum catches a card edited by hand (integrity, not
-authenticity). Masks are binary, at image resolution.
+are replayed with it. `normalise` is how parts are mapped into [0, 1]
+(`editing.normalise_part`); `refined` names the `refinement.refine` options of
+the per-sample parts (false: the global parts). Both are recorded so that a card
+replays the same edit when the library's defaults change. Cards of format
+`panda-jax-recipe/1` (before they were recorded) replay as they were made:
+`normalise="max"` and, refined, `method="register"` with no steps. The checksum
+catches a card edited by hand (integrity, not authenticity). Masks are binary,
+at image resolution.
 
 Everything here but `save`/`load` is pure; the generator is any object with the
 `panda_jax.generators` API.
@@ -42,7 +48,12 @@ from panda_jax import generator_ops
 from panda_jax import metrics
 from panda_jax import refinement
 
-FORMAT = "panda-jax-recipe/1"
+FORMAT = "panda-jax-recipe/2"
+_FORMAT_1 = "panda-jax-recipe/1"
+# What new cards record for refined parts: `refinement.refine`'s defaults, spelled out.
+REFINE = {"method": "paper", "k": None, "steps": 50}
+# What cards of format /1 were made with (the library's defaults then).
+_FORMAT_1_SETTINGS = ("max", {"method": "register", "k": None, "steps": 0})
 _MAX_SEEDS = 4096
 _MAX_CARD_BYTES = 1 << 22
 
@@ -111,17 +122,27 @@ def _checksum(card: dict) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _refine_options(refined) -> Optional[dict]:
+  """`refined` (a bool or `refine` options) as the options of the per-sample parts, or None."""
+  if isinstance(refined, dict):
+    return dict(refined)
+  return dict(REFINE) if refined else None
+
+
 def make_card(*, generator: dict, factors: dict, part, appearance: int, alpha: float,
-              refined: bool, seed: int, seeds: Sequence[int], truncation_psi: float = 1.0,
-              roir: Optional[tuple] = None) -> dict:
+              refined, seed: int, seeds: Sequence[int], truncation_psi: float = 1.0,
+              roir: Optional[tuple] = None, normalise: str = "minmax") -> dict:
   """A validated card (see the module doc), checksum included.
 
   Args:
     generator: `generator_identity(...)`; factors: `factors_identity(...)`.
     part: a part index, a list of indices (their union) or a binary `[H, W]` mask.
-    appearance: j; alpha: the absolute strength; refined: per-sample parts.
+    appearance: j; alpha: the absolute strength.
+    refined: False (global parts), True (per-sample parts with `REFINE`) or a
+      dict `{method, k, steps}` of `refinement.refine` options.
     seed: the sample stream; seeds: the samples the edit was made on.
     roir: `(mean, std)` of Eq. (13) measured on them, or None.
+    normalise: how parts are mapped into [0, 1] ("minmax" or "max").
   """
   if isinstance(part, (int, np.integer)):
     part_spec = [int(part)]
@@ -131,7 +152,7 @@ def make_card(*, generator: dict, factors: dict, part, appearance: int, alpha: f
     part_spec = _pack_mask(part)
   card = {"format": FORMAT, "generator": dict(generator), "factors": dict(factors),
           "edit": {"part": part_spec, "appearance": int(appearance), "alpha": float(alpha),
-                   "refined": bool(refined)},
+                   "normalise": normalise, "refined": _refine_options(refined) or False},
           "samples": {"seed": int(seed), "truncation_psi": float(truncation_psi),
                       "seeds": [int(t) for t in seeds]},
           "roir": None if roir is None else {"mean": float(roir[0]), "std": float(roir[1])}}
@@ -155,7 +176,8 @@ def _is_sha(x) -> bool:
 def validate(card: Any) -> dict:
   """`card` if it is a well-formed, untampered card; otherwise a ValueError naming the problem."""
   _require(isinstance(card, dict), f"expected a JSON object, got {type(card).__name__}")
-  _require(card.get("format") == FORMAT, f"format must be {FORMAT!r}, got {card.get('format')!r}")
+  _require(card.get("format") in (FORMAT, _FORMAT_1),
+           f"format must be {FORMAT!r} (or {_FORMAT_1!r}), got {card.get('format')!r}")
   expected = {"format", "generator", "factors", "edit", "samples", "roir", "checksum"}
   _require(set(card) == expected, f"keys must be {sorted(expected)}, got {sorted(card)}")
   _require(isinstance(card["checksum"], str) and card["checksum"] == _checksum(card),
@@ -167,8 +189,10 @@ def validate(card: Any) -> dict:
            and all(_is_int(fac.get(k)) and fac[k] >= 0 for k in ("layer", "rank_c", "rank_s"))
            and (fac.get("path") is None or isinstance(fac["path"], str)),
            "factors must be {path, sha256, layer, rank_c, rank_s}")
-  _require(isinstance(edit, dict) and set(edit) == {"part", "appearance", "alpha", "refined"},
-           "edit must be {part, appearance, alpha, refined}")
+  keys = {"part", "appearance", "alpha", "refined"}
+  if card["format"] == FORMAT:
+    keys |= {"normalise"}
+  _require(isinstance(edit, dict) and set(edit) == keys, f"edit must be {sorted(keys)}")
   part = edit["part"]
   if isinstance(part, list):
     _require(bool(part) and all(_is_int(k) and 0 <= k < fac["rank_s"] for k in part)
@@ -183,7 +207,18 @@ def validate(card: Any) -> dict:
   _require(isinstance(edit["alpha"], (int, float)) and not isinstance(edit["alpha"], bool)
            and math.isfinite(edit["alpha"]),
            f"alpha must be a finite number, got {edit['alpha']!r}")
-  _require(isinstance(edit["refined"], bool), "refined must be true or false")
+  if card["format"] == _FORMAT_1:
+    _require(isinstance(edit["refined"], bool), "refined must be true or false")
+  else:
+    _require(edit["normalise"] in editing.NORMALISATIONS,
+             f"normalise must be one of {editing.NORMALISATIONS}, got {edit['normalise']!r}")
+    refined = edit["refined"]
+    _require(refined is False or (
+        isinstance(refined, dict) and set(refined) == {"method", "k", "steps"}
+        and refined["method"] in refinement.METHODS
+        and (refined["k"] is None or _is_int(refined["k"]) and refined["k"] >= 1)
+        and _is_int(refined["steps"]) and refined["steps"] >= 0),
+             "refined must be false or {method, k (null or >= 1), steps (>= 0)}")
   _require(isinstance(samples, dict) and set(samples) == {"seed", "truncation_psi", "seeds"},
            "samples must be {seed, truncation_psi, seeds}")
   _require(_is_int(samples["seed"]) and isinstance(samples["truncation_psi"], (int, float))
@@ -243,6 +278,15 @@ def check_matches(card: dict, generator: dict, factors: dict) -> None:
                      f"layer {ours['layer']}")
 
 
+def settings(card: dict) -> tuple:
+  """`(normalise, refine options or None)` of a validated card (module doc)."""
+  edit = card["edit"]
+  if card["format"] == _FORMAT_1:
+    normalise, options = _FORMAT_1_SETTINGS
+    return normalise, dict(options) if edit["refined"] else None
+  return edit["normalise"], _refine_options(edit["refined"])
+
+
 def part_of(card: dict):
   """The card's `part`: an index, a list of indices, or a `[H, W]` float32 mask."""
   part = card["edit"]["part"]
@@ -271,22 +315,26 @@ def sample(gen, layer: int, seed: int, index: int, truncation_psi: float = 1.0) 
   return Sample(lat, x, carry, gen.resume(x, carry, lat, layer))
 
 
-def sample_parts(one: Sample, appearances, parts, refined: bool):
-  """The parts an edit of `one` uses: global `[s, r_s]` or its refined `[1, s, r_s]`."""
-  if not refined:
+def sample_parts(one: Sample, appearances, parts, refined):
+  """The parts an edit of `one` uses: global `[s, r_s]` or its refined `[1, s, r_s]`.
+
+  `refined`: False, True (`REFINE`) or a dict of `refinement.refine` options.
+  """
+  options = _refine_options(refined)
+  if options is None:
     return parts
-  return refinement.refine(one.features, appearances, parts)
+  return refinement.refine(one.features, appearances, parts, **options)
 
 
 def render(gen, layer: int, one: Sample, appearances, parts, part, appearance: int,
-           alpha: float):
+           alpha: float, normalise: str = "minmax"):
   """The image `[1, H, W, ch]` of `one` after `editing.edit` (parts from `sample_parts`)."""
   edited = editing.edit(one.features, appearances, parts, part, appearance,
-                        jnp.float32(alpha))
+                        jnp.float32(alpha), normalise=normalise)
   return gen.resume(edited, one.carry, one.latents, layer)
 
 
-def region(part, parts, features, size) -> np.ndarray:
+def region(part, parts, features, size, normalise: str = "minmax") -> np.ndarray:
   """Where an edit acts at image `size=(H, W)`, binary `[n, H, W]`.
 
   A mask is its own region; a part (or union) is where its normalised weights
@@ -294,7 +342,7 @@ def region(part, parts, features, size) -> np.ndarray:
   """
   if isinstance(part, np.ndarray):
     return np.broadcast_to(part >= 0.5, (features.shape[0],) + part.shape).astype(np.float32)
-  weights = np.asarray(editing.part_weights(part, parts, features))  # [(n,) s]
+  weights = np.asarray(editing.part_weights(part, parts, features, normalise))  # [(n,) s]
   h, w = features.shape[1:3]
   weights = np.broadcast_to(weights.reshape(-1, h, w), (features.shape[0], h, w))
   big = np.repeat(np.repeat(weights, size[0] // h, 1), size[1] // w, 2)
@@ -321,15 +369,16 @@ def replay(card: dict, gen, factors, seeds: Optional[Sequence[int]] = None,
     raise ValueError("replay: give at least one seed")
   layer, edit = card["factors"]["layer"], card["edit"]
   part = part_of(card)
+  normalise, refined = settings(card)
   before, after, regions = [], [], []
   for t in seeds:
     one = sample(gen, layer, card["samples"]["seed"], t, card["samples"]["truncation_psi"])
-    parts = sample_parts(one, factors.appearances, factors.parts, edit["refined"])
+    parts = sample_parts(one, factors.appearances, factors.parts, refined or False)
     image = render(gen, layer, one, factors.appearances, parts, part, edit["appearance"],
-                   edit["alpha"])
+                   edit["alpha"], normalise)
     before.append(np.asarray(one.image))
     after.append(np.asarray(image))
-    regions.append(region(part, parts, one.features, image.shape[1:3]))
+    regions.append(region(part, parts, one.features, image.shape[1:3], normalise))
   before, after = np.concatenate(before), np.concatenate(after)
   mean, std = metrics.roir(jnp.asarray(rgb(before)), jnp.asarray(rgb(after)),
                            jnp.asarray(np.concatenate(regions)))

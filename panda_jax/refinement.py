@@ -17,31 +17,46 @@ which needs `W_i` only through `W_i P~` (`[s, r_s]`). Two affinities:
   the paper states); `W_i P~` is a gather, O(s k r_s). No `[s, s]` matrix in
   either path.
 
-Two methods:
+Which call is which (`refine(features, A, P, ...)`):
 
-* `"paper"`: Algorithm 2 as published: T projected gradient steps of Eq. (10)
-  started at the global parts `P`. Eq. (10) only moves parts locally; it does
-  not carry a part across the image, so it fails on samples displaced by more
-  than about a part's width (WORKSPACE.md, refinement: planted parts rolled by
-  up to a quarter of the side, 56% of the samples recovered after 500 steps;
-  toy faces, 22-65% of the oracle's IoU).
-* `"register"` (default): the translation of the global parts that minimises
-  Eq. (10) with the full Gram matrix,
+    =================================  ==========================================  ============
+    call                               what runs                                   paper
+    =================================  ==========================================  ============
+    (no option) = `steps=50`           50 steps of Eq. (10) from P, full Gram      Eqs. 10, 12
+                                       (the ICLR refinement)                       (ICLR [62])
+    `k=16`                             50 steps of Eq. (10) from P, mutual 16-NN   Algorithm 2,
+                                       graph                                       Eqs. 10-11
+    `steps=T`, `k=...`                 T steps instead of 50                       Algorithm 2's T
+    `step_size=lam`                    the fixed step `lam` of Algorithm 2         Algorithm 2's
+                                       (default: adaptive backtracking)            lambda
+    `method="register"`                the translation of P minimising Eq. (10)    Eq. 10 over
+                                       (full Gram), then `steps` (default 0)       translations
+                                       steps of Eq. (10) with `k`'s affinity
+    =================================  ==========================================  ============
 
-      d_i = argmin_d L_G(X_i^T X_i, Pi_d P),    P~_i = Pi_d P,
+`method="paper"` (default) is the published refinement; `method="register"` is
+for samples that are not aligned: the translation of the global parts that
+minimises Eq. (10) with the full Gram matrix,
 
-  over every circular translation `Pi_d` of the `h x w` grid, evaluated for all
-  `d` at once by FFT cross-correlation: with `Y_d = X_i Pi_d P` (`[r_c, r_s]`,
-  the paper's `Y_i` of Eq. 12) and `Pi_d` a permutation,
-  `L_G(d) = <Y_d^T Y_d, P^T P - 2 I>`, and `Y_d` for every `d` takes `r_c r_s`
-  cross-correlations (O(r_c r_s s log s), no `[s, s]` matrix). For the exact
-  model of Eq. (1) with disjoint parts (orthonormal `P`) the true translation
-  is the minimiser (Jensen's inequality on `||Y_d||^2`). Optionally
-  (`steps > 0`) Eq. (10) then descends from `P~_i`, with either affinity,
-  until one step lowers it by less than `tol` of its value. By default it does
-  not: on the toy-faces GAN these steps (full Gram) gain up to 0.14 IoU per
-  part at 16x16 but lose up to 0.014 at 8x8, and with the 8-NN graph lose up to
-  0.15 (WORKSPACE.md, refinement); try `steps=50` on a layer where they help.
+    d_i = argmin_d L_G(X_i^T X_i, Pi_d P),    P~_i = Pi_d P,
+
+over every circular translation `Pi_d` of the `h x w` grid, evaluated for all
+`d` at once by FFT cross-correlation: with `Y_d = X_i Pi_d P` (`[r_c, r_s]`, the
+paper's `Y_i` of Eq. 12) and `Pi_d` a permutation, `L_G(d) = <Y_d^T Y_d, P^T P -
+2 I>`, and `Y_d` for every `d` takes `r_c r_s` cross-correlations (O(r_c r_s s
+log s), no `[s, s]` matrix). For the exact model of Eq. (1) with disjoint parts
+(orthonormal `P`) the true translation is the minimiser (Jensen's inequality on
+`||Y_d||^2`).
+
+Why the default (README.md, "What differs"; `python -m experiments.refine
+--compare`): on toy-faces samples as the GAN generates them (3 fits x 2 layers,
+128 samples each, mean best-part IoU over the 6 ground-truth parts), the
+full-Gram refinement is the best of the five variants (global parts, full Gram,
+8-NN, 16-NN, translation) in 5 of 6 settings and never more than 0.003 below
+the global parts; the translation loses up to 0.10 there (it moves the parts of
+aligned samples), and the mutual-kNN graphs lose up to 0.12. On samples rolled
+by up to a quarter of the side only the translation recovers the parts (at the
+oracle's IoU): the paper's descent does not carry a part across the image.
 """
 from __future__ import annotations
 
@@ -54,8 +69,8 @@ import numpy as np
 
 from panda_jax import _checks, pgd
 
-METHODS = ("register", "paper")
-_DEFAULT_STEPS = {"register": 0, "paper": 50}  # Measured: WORKSPACE.md, refinement.
+METHODS = ("paper", "register")
+_DEFAULT_STEPS = {"paper": 50, "register": 0}  # T of Algorithm 2; "register": WORKSPACE.md.
 _REGISTER_TOL = 1e-2
 _MAX_GRAPH_POSITIONS = 65535  # Edge keys j * s + l must fit in uint32.
 
@@ -236,7 +251,7 @@ def _grid(features_i, s: int, grid: Optional[Sequence[int]]) -> tuple[int, int]:
   return side, side
 
 
-def arguments(features_i, appearances, parts, *, method: str = "register",
+def arguments(features_i, appearances, parts, *, method: str = "paper",
               k: Optional[int] = None, steps: Optional[int] = None,
               step_size: Optional[float] = None,
               search: pgd.LineSearch = pgd.LineSearch(), tol: Optional[float] = None,
@@ -273,8 +288,9 @@ def arguments(features_i, appearances, parts, *, method: str = "register",
   if not (isinstance(steps, (int, np.integer)) and 0 <= steps < 2**31):
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   if k is not None and steps == 0:
-    raise ValueError(f"k={k} sets the affinity of the Eq. (10) steps, but steps = 0 (the default "
-                     "of method='register'): pass steps > 0, or drop k")
+    default = " (the default of method='register')" if method == "register" else ""
+    raise ValueError(f"k={k} sets the affinity of the Eq. (10) steps, but steps = 0{default}: "
+                     "pass steps > 0, or drop k")
   if step_size is not None and not (np.isfinite(step_size) and step_size > 0):
     raise ValueError(f"step_size must be a positive finite float or None, got {step_size!r}")
   if tol is not None and not (np.isfinite(tol) and tol >= 0):
@@ -295,21 +311,25 @@ def arguments(features_i, appearances, parts, *, method: str = "register",
                tol=None if tol is None else float(tol)), single)
 
 
-def refine(features_i, appearances, parts, *, method: str = "register", k: Optional[int] = None,
+def refine(features_i, appearances, parts, *, method: str = "paper", k: Optional[int] = None,
            steps: Optional[int] = None, step_size: Optional[float] = None,
            search: pgd.LineSearch = pgd.LineSearch(), tol: Optional[float] = None,
            grid: Optional[Sequence[int]] = None, return_shifts: bool = False):
-  """Per-sample parts `P~_i` (Section 4.2): the global parts translated onto each
-  sample (default), or Algorithm 2's descent of Eq. (10) (`method="paper"`).
+  """Per-sample parts `P~_i` (Section 4.2, Eqs. 10-12, Algorithm 2).
+
+  `refine(z, A, P)` and `refine(z, A, P, steps=50)` run the ICLR refinement
+  (Eq. 10 with the full Gram matrix, via Eq. 12); `refine(z, A, P, k=16)`
+  Algorithm 2 (mutual 16-NN graph); `method="register"` the translation for
+  unaligned samples. Table: the module doc.
 
   Args:
     features_i: one sample `[s, c]`, or a batch `[n, s, c]` / `[n, h, w, c]`
       (samples refined independently, `vmap`).
-    appearances: `A`, `[c, r_c]`.
+    appearances: `A`, `[c, r_c]`; Eq. (10) (`A A^T` as the projection onto the
+      appearances) relies on orthonormal columns (`Factors.orthogonality_error`).
     parts: the global parts `P`, `[s, r_s]`, `P >= 0`.
-    method: "register" (default; for samples that are not aligned: the
-      translation of `P` minimising Eq. 10, then `steps` steps of Eq. 10) or
-      "paper" (Algorithm 2 as published: `steps` steps of Eq. 10 from `P`).
+    method: "paper" (default; `steps` steps of Eq. 10 from `P`) or "register"
+      (the translation of `P` minimising Eq. 10, then `steps` steps of Eq. 10).
     k: None for the full Gram matrix (ICLR refinement), or the number of
       neighbours of the mutual-kNN graph (Algorithm 2), `1 <= k <= s - 1`: the
       affinity of the Eq. (10) steps ("register" translates with the full Gram
@@ -320,7 +340,7 @@ def refine(features_i, appearances, parts, *, method: str = "register", k: Optio
       paper's fixed `lambda`.
     search: backtracking constants.
     tol: stop once one step lowers Eq. (10) by less than `tol` times its value;
-      None: 1e-2 for "register", no stopping rule (exactly T steps) for "paper".
+      None: no stopping rule (exactly T steps) for "paper", 1e-2 for "register".
     grid: `(h, w)` for `[s, c]` / `[n, s, c]` features whose `s` is not square
       ("register" only).
     return_shifts: also return the translations `(dy, dx)` found by
@@ -333,7 +353,13 @@ def refine(features_i, appearances, parts, *, method: str = "register", k: Optio
 
   Raises:
     ValueError (before any compilation): bad shapes, ranks, k, steps, method,
-      non-finite or negative inputs.
+      non-finite or negative inputs; `k` with `method="register"` and no steps
+      (the graph would be unused).
+
+  Example:
+    >>> iclr = pj.refine(features[:4], A, P)                # [4, s, r_s]
+    >>> algorithm2 = pj.refine(features[:4], A, P, k=16)
+    >>> moved, shifts = pj.refine(features[:4], A, P, method="register", return_shifts=True)
   """
   args, options, single = arguments(features_i, appearances, parts, method=method, k=k,
                                     steps=steps, step_size=step_size, search=search, tol=tol,

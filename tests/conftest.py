@@ -7,6 +7,10 @@ tests can build modified or malicious checkpoints from the fixtures.
 `converted` / `fixture_generator`: each fixture checkpoint converted by
 `python -m converters` once per test session, and loaded by `generators.load`;
 `gen` and `io`: those of the test module's `FAMILY` (e.g. `FAMILY = "pggan"`).
+
+`assert_float64_runs_agree` / `to_float32`: the tolerance of comparisons between
+two float64 runs of one iterated computation, derived from the same run in
+float32 (one-shot formulas use the rounding bounds of tests/_bounds.py).
 """
 import collections
 from io import BytesIO
@@ -18,6 +22,7 @@ import sys
 import types
 import zipfile
 
+import jax
 import numpy as np
 import pytest
 
@@ -207,3 +212,28 @@ def torch_files():
   return types.SimpleNamespace(
       Global=Global, Strided=Strided, network_pickle=write_network_pickle,
       torch_zip=write_torch_zip, torch_legacy=write_torch_legacy)
+
+
+def assert_float64_runs_agree(actual, expected, float32, what=""):
+  """Two float64 runs of one exact computation agree beyond float32 rounding.
+
+  `actual` and `expected` are float64 results that are equal in exact arithmetic
+  (they differ in summation order, formula or code path); `float32` is one of
+  the two computations run from the same inputs rounded to float32. Each run is the exact
+  result plus its rounding errors carried through the computation: about k u for
+  an amplification k that depends on the computation, not on the precision, so
+  about k 2^-53 for the float64 pair and k 2^-24 for the float32 run, 2^29 = 5.4e8
+  times more. The tolerance is therefore max |float32 - expected| (per array):
+  exceeded only if `actual` differs from `expected` by more than float32 rounding
+  moves it, i.e. if they are not the same computation. This holds for iterations
+  whose amplification (line searches, Adam, k-means) has no usable closed form.
+  """
+  actual, expected, float32 = (np.asarray(x, np.float64) for x in (actual, expected, float32))
+  assert actual.shape == expected.shape == float32.shape, (actual.shape, expected.shape)
+  error, bound = np.max(np.abs(actual - expected)), np.max(np.abs(float32 - expected))
+  assert error <= bound, f"{what}: float64 runs differ by {error:.3g} > float32 effect {bound:.3g}"
+
+
+def to_float32(tree):
+  """The float64 leaves of a pytree rounded to float32 (the inputs of a float32 run)."""
+  return jax.tree.map(lambda x: x.astype(np.float32) if x.dtype == np.float64 else x, tree)

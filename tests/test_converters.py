@@ -321,7 +321,7 @@ def test_every_format_module_is_listed():
     if hasattr(module, "sniff") and hasattr(module, "convert"):
       defined.add(info.name)
   assert set(converters.FORMATS) == defined == set(converters.formats())
-  assert len(converters.FORMATS) == 4
+  assert len(converters.FORMATS) == 5
 
 
 # The biggan weights file alone must find its folder's config.json.

@@ -75,6 +75,12 @@ def test_decompose_writes_factors_figure_and_metrics(decomposed, generator_dir):
   assert metrics["steps"] == 6 and metrics["layer"] == 3
   assert metrics["feature_shape"] == [8, 8, 64]
   assert metrics["seconds"] > 0
+  assert metrics["parts_init"] == "kmeans"
+  # max |A^T A - I| of the saved appearances: c = 64 products of float32 numbers
+  # of size <= 1, so the two computations agree to gamma(64) ~ 4e-6 (1e-5 here).
+  a = np.asarray(factors.appearances, np.float64)
+  assert metrics["orthogonality_error"] == pytest.approx(
+      float(np.max(np.abs(a.T @ a - np.eye(a.shape[1])))), abs=1e-5)
   history = np.asarray(metrics["loss_history"])
   assert metrics["final_loss"] == pytest.approx(float(factors.loss_history[-1]), rel=1e-6)
   assert np.all(np.diff(history) <= 1e-6 * history[0])  # adaptive steps never increase Eq. (3)

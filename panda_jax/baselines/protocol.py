@@ -15,6 +15,8 @@ from typing import NamedTuple, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from panda_jax import metrics
+
 
 class Splits(NamedTuple):
   train: np.ndarray  # [num_train] sample indices the methods are fitted on.
@@ -85,3 +87,77 @@ def select(roirs, changes, threshold: float) -> Optional[int]:
     return None
   values = np.where(np.isfinite(roirs[eligible]), roirs[eligible], np.inf)
   return int(eligible[np.argmin(values)])
+
+
+# ----------------------------------------------------------------------------- any generator
+# The selection and the report of the protocol for any generator and any set of
+# ROIs: a method is a `render(candidate) -> edited images` of one split and a
+# list of `(candidate, rois it may be chosen for)`; masks are `{roi: [n, H, W]}`.
+
+
+def roi_statistics(originals, edits, masks, min_pixels: int = 1):
+  """`(ratios [m], changes [m])`: per-sample ROIR (Eq. 13) and RMS ROI change.
+
+  Over the `m` samples whose ROI has at least `min_pixels` pixels (so samples
+  whose ROI is empty, e.g. a face not detected, are left out).
+  """
+  originals, edits, masks = (jnp.asarray(originals), jnp.asarray(edits),
+                             jnp.asarray(masks, jnp.float32))
+  keep = np.asarray(jnp.sum(masks, axis=(1, 2))) >= min_pixels
+  ratios = np.asarray(metrics.roir_per_sample(originals, edits, masks), np.float64)
+  changes = np.asarray(roi_change(originals, edits, masks), np.float64)
+  return ratios[keep], changes[keep]
+
+
+def choose_edits(render, candidates, originals, masks: dict, threshold: float,
+                 min_pixels: int = 1) -> dict:
+  """The threshold rule on a validation split, per ROI.
+
+  Args:
+    render: `candidate -> edited images [n, H, W, ch]` of the split.
+    candidates: `[(candidate, rois)]`: every candidate is rendered once and
+      scored for each of its `rois`.
+    originals: `[n, H, W, ch]` unedited images of the split.
+    masks: `{roi: [n, H, W]}` in [0, 1].
+    threshold: minimum mean RMS change inside the ROI (`select`).
+    min_pixels: see `roi_statistics`.
+
+  Returns:
+    `{roi: None (no candidate changes it enough) or dict(candidate, val_roir,
+    val_change, num_candidates)}`.
+  """
+  scores = {roi: ([], [], []) for roi in masks}
+  for candidate, rois in candidates:
+    edited = np.asarray(render(candidate))
+    for roi in rois:
+      ratios, changes = roi_statistics(originals, edited, masks[roi], min_pixels)
+      scores[roi][0].append(candidate)
+      scores[roi][1].append(float(np.mean(ratios)) if ratios.size else np.inf)
+      scores[roi][2].append(float(np.mean(changes)) if changes.size else 0.0)
+  chosen = {}
+  for roi, (cands, roirs, changes) in scores.items():
+    index = select(roirs, changes, threshold) if cands else None
+    chosen[roi] = None if index is None else dict(
+        candidate=cands[index], val_roir=roirs[index], val_change=changes[index],
+        num_candidates=len(cands))
+  return chosen
+
+
+def report_edits(render, chosen: dict, originals, masks: dict, min_pixels: int = 1) -> dict:
+  """Test ROIR of the chosen edits: `{roi: {"mean", "std", "median", "n", "roi_change"}}`.
+
+  `render`, `originals` and `masks` of the test split; a ROI with no chosen
+  edit gets `mean = std = None` and a note. Std is the population one.
+  """
+  out = {}
+  for roi, pick in chosen.items():
+    if pick is None:
+      out[roi] = dict(mean=None, std=None, median=None, n=0,
+                      note="no candidate reached the threshold")
+      continue
+    ratios, changes = roi_statistics(originals, np.asarray(render(pick["candidate"])),
+                                     masks[roi], min_pixels)
+    out[roi] = dict(mean=float(np.mean(ratios)), std=float(np.std(ratios)),
+                    median=float(np.median(ratios)), n=int(ratios.size),
+                    roi_change=float(np.mean(changes)))
+  return out

@@ -61,3 +61,27 @@ def fit(kernels: Sequence, num_components: int, ws=None) -> latent.Directions:
   v = v * np.sign(v[np.arange(num_components), np.argmax(np.abs(v), axis=1)])[:, None]
   scales = (np.ones(num_components) if ws is None else latent.projection_scales(ws, v))
   return latent.Directions(v.astype(np.float32), np.asarray(scales, np.float32))
+
+
+def first_layer_kernel(params) -> np.ndarray:
+  """A DCGAN's first ConvTranspose2d as the matrix of its linear map from z: `[z_dim, k*k*c]`.
+
+  On the `1 x 1` input z the first block's transposed convolution (stride 1,
+  padding 0) writes `z_i K[y, x, i, o]` at output `(y, x, o)` (with the kernel
+  flipped, a permutation of the columns, which changes neither `K K^T` nor the
+  column norms). So the rows of the `[z_dim, 4*4*c]` reshape of the kernel
+  (`params["blocks_0"]["conv"]["kernel"]`, `[k, k, z_dim, c]`, of the generator's
+  `params` or of its whole variables tree `{"params", "batch_stats"}`,
+  `panda_jax.generators.dcgan`) play the role of SeFa's style kernels: `fit`
+  of it gives the directions in z that move the first layer's output most
+  (SeFa's choice for PGGAN, whose first layer is also dense from z).
+  """
+  if isinstance(params, dict) and "params" in params:  # the whole variables tree
+    params = params["params"]
+  try:
+    kernel = np.asarray(params["blocks_0"]["conv"]["kernel"], np.float32)
+  except (KeyError, TypeError):
+    raise ValueError("params have no blocks_0/conv/kernel: not a DCGAN generator") from None
+  if kernel.ndim != 4:
+    raise ValueError(f"the first kernel must be [k, k, z_dim, c], got shape {kernel.shape}")
+  return np.transpose(kernel, (2, 0, 1, 3)).reshape(kernel.shape[2], -1)
