@@ -43,3 +43,4 @@ from panda_jax.interpret import (ConceptMeanState, Ranking, RankState,
 from panda_jax.metrics import roir, roir_per_sample
 
 # Inversion of real images (issue 21).
+from panda_jax.inversion import Inversion, invert
