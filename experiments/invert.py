@@ -139,14 +139,8 @@ def run(config) -> dict:
     raise ValueError(f"--steps and --feature_steps must be >= 0, got {config.steps}, "
                      f"{config.feature_steps}")
   out = common.output_dir(config.out)
-  start = time.perf_counter()
-  result = inversion.invert(gen, image, key=jax.random.PRNGKey(config.seed), steps=config.steps,
-                            layer=layer, feature_steps=config.feature_steps,
-                            structure_weight=config.structure_weight,
-                            feature_structure_weight=config.feature_structure_weight,
-                            tie_layers=config.tie_layers)
-  recon = np.asarray(jax.block_until_ready(result.reconstruction))
-  seconds = time.perf_counter() - start
+  result, seconds = _timed_invert(gen, image, config, layer)
+  recon = np.asarray(result.reconstruction)
   history = np.asarray(result.loss_history)
   latent_recon = gen.generate(result.latents)[..., :image.shape[-1]]
   if common.is_writer():
@@ -222,13 +216,7 @@ def benchmark(config) -> dict:
 
   # Inversion of the renders.
   timings = {}
-  start = time.perf_counter()
-  inv = inversion.invert(gen, rgb, key=jax.random.PRNGKey(config.seed), steps=config.steps,
-                         layer=layer, feature_steps=config.feature_steps,
-                         structure_weight=config.structure_weight,
-                         feature_structure_weight=config.feature_structure_weight, progress=True)
-  jax.block_until_ready(inv.reconstruction)
-  timings["invert_batch_s"] = time.perf_counter() - start
+  inv, timings["invert_batch_s"] = _timed_invert(gen, rgb, config, layer)
   latent_out = gen.generate(inv.latents)
   latent_only = common.split_labels(latent_out)
   full = gen.resume(inv.features, inv.carry, inv.latents, layer)
@@ -284,13 +272,7 @@ def benchmark(config) -> dict:
   # Time of one 32x32 image (item 4): first call (with compilation) and warm.
   one = rgb[:1]
   for name in ("one_image_first_call_s", "one_image_s"):
-    start = time.perf_counter()
-    r = inversion.invert(gen, one, key=jax.random.PRNGKey(1), steps=config.steps, layer=layer,
-                         feature_steps=config.feature_steps,
-                         structure_weight=config.structure_weight,
-                         feature_structure_weight=config.feature_structure_weight, progress=False)
-    jax.block_until_ready(r.reconstruction)
-    timings[name] = time.perf_counter() - start
+    _, timings[name] = _timed_invert(gen, one, config, layer, seed=1, progress=False)
   results["timing"] = timings
 
   if config.dcgan:
@@ -310,6 +292,18 @@ def _stats(values) -> dict:
               min=round(float(values.min()), 3))
 
 
+def _timed_invert(gen, images, config, layer, *, seed=None, progress=True):
+  """`pj.invert` with the launcher's settings: `(Inversion, wall seconds)`."""
+  start = time.perf_counter()
+  result = inversion.invert(gen, images, key=jax.random.PRNGKey(config.seed if seed is None else seed),
+                            steps=config.steps, layer=layer, feature_steps=config.feature_steps,
+                            structure_weight=config.structure_weight,
+                            feature_structure_weight=config.feature_structure_weight,
+                            tie_layers=config.tie_layers, progress=progress)
+  jax.block_until_ready(result.reconstruction)
+  return result, time.perf_counter() - start
+
+
 def dcgan_benchmark(config, n: int) -> dict:
   """PSNR of held-out DCGAN samples (images only; their latents are discarded)."""
   gen = common.load_generator(config.dcgan)
@@ -317,13 +311,8 @@ def dcgan_benchmark(config, n: int) -> dict:
   z = jax.random.normal(jax.random.PRNGKey(2100 + config.seed), (n, gen.z_dim))
   images = np.asarray(gen.generate(gen.latents(z)))
   del z
-  start = time.perf_counter()
-  inv = inversion.invert(gen, images, key=jax.random.PRNGKey(config.seed), steps=config.steps,
-                         layer=layer, feature_steps=config.feature_steps,
-                         structure_weight=config.structure_weight,
-                         feature_structure_weight=config.feature_structure_weight, progress=True)
-  jax.block_until_ready(inv.reconstruction)
-  return dict(generator=config.dcgan, layer=layer, seconds=time.perf_counter() - start,
+  inv, seconds = _timed_invert(gen, images, config, layer)
+  return dict(generator=config.dcgan, layer=layer, seconds=seconds,
               psnr_latents=_stats(inversion.psnr(gen.generate(inv.latents), images)),
               psnr=_stats(inversion.psnr(inv.reconstruction, images)))
 
