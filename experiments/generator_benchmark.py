@@ -493,6 +493,7 @@ def environment(threads: int, torch_info: dict) -> dict:
                        "numpy": np.__version__, "torch": torch_info.get("torch")},
           "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
                       "cores_used": threads, "jax_devices": [str(d) for d in jax.devices()]},
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "torch_threads": torch_info.get("threads")}
 
 

@@ -109,7 +109,9 @@ def test_every_product_runs_in_float32_precision(gen):
   jaxpr = jax.make_jaxpr(lambda z: gen.generate(gen.latents(z)))(
       np.zeros((1, gen.z_dim), np.float32))
   products = list(_products(jaxpr.jaxpr))
-  assert len(products) == gen.num_layers + 1
+  # The first transposed conv (stride 1) is one correlation, every stride-2 one
+  # four (its sub-pixel phases, `layers.upsampling_correlation`).
+  assert len(products) == 1 + 4 * gen.num_layers
   highest = (layers_lib.PRECISION, layers_lib.PRECISION)
   assert all(e.params["precision"] == highest for e in products)
 

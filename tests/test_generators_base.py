@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from _reference import np_upfirdn2d
 from conftest import FIXTURE_CHECKPOINTS
 from panda_jax import generators
 from panda_jax.generators import base
@@ -157,3 +158,51 @@ def test_every_product_runs_in_float32_precision(family, fixture_generator):
   highest = (layers_lib.PRECISION, layers_lib.PRECISION)
   bad = [e.primitive.name for e in products if e.params["precision"] != highest]
   assert not bad, bad
+
+
+@pytest.mark.parametrize("taps", [(1, 3, 3, 1), (1, 2, 1), ((0.2, 0.5, 0.1), (0.3, 0.3, 0.9))])
+@pytest.mark.parametrize("up,down,padding", [
+    (1, 1, (1, 1, 1, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)),
+    (2, 2, (1, 2, 0, 3)), (1, 1, (-1, 2, 0, -1)), (4, 1, (3, 2, 3, 2))])
+def test_upfirdn2d_both_paths_equal_float64_reference(taps, up, down, padding):
+  """Separable filters take the polyphase path, others the depthwise conv; both equal
+  NVIDIA's reference (float64 transcription) to float32 rounding: each output sums
+  at most t_h * t_w products of inputs |x| <= 1 and weights of absolute sum
+  gain * sum|f|, each operand rounded at most twice (the separable taps too), so the
+  error is <= gamma(2 t_h t_w) * gain * sum|f|, gamma(n) = n 2^-24 / (1 - n 2^-24)."""
+  if isinstance(taps[0], tuple):  # Not separable: outer product plus a corner.
+    f = np.outer(*taps).astype(np.float32)
+    f[0, 0] += 0.4
+    assert layers_lib.separable_taps(f) is None
+  else:
+    f = layers_lib.setup_filter(taps)
+    assert layers_lib.separable_taps(f) is not None
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 7, 6, 3)).astype(np.float32)
+  gain = float(up * up)
+  out = np.asarray(layers_lib.upfirdn2d(jax.numpy.asarray(x), f, up=up, down=down,
+                                         padding=padding, gain=gain))
+  ref = np_upfirdn2d(np.transpose(x, (0, 3, 1, 2)).astype(np.float64), f.astype(np.float64),
+                     up=up, down=down, padding=padding, gain=gain)
+  ref = np.transpose(ref, (0, 2, 3, 1))
+  assert out.shape == ref.shape
+  n = 2 * f.size
+  bound = n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * gain * np.abs(f).sum()
+  np.testing.assert_allclose(out, ref, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("up,kernel,padding", [
+    (2, (4, 4), ((2, 2), (2, 2))), (2, (3, 3), ((1, 1), (2, 0))), (2, (1, 2), ((0, 3), (1, 1))),
+    (3, (4, 3), ((2, 0), (0, 2))), (4, (3, 3), ((0, 0), (4, 1)))])
+def test_upsampling_correlation_equals_the_dilated_convolution(up, kernel, padding):
+  """The sub-pixel form against XLA's `lhs_dilation` on float64 inputs: the same
+  products summed in another order, so equal to a few float64 ulps."""
+  rng = np.random.default_rng(up)
+  x = rng.standard_normal((2, 5, 6, 3))
+  k = rng.standard_normal(kernel + (3, 4))
+  with jax.enable_x64(True):
+    ref = jax.lax.conv_general_dilated(x, k, (1, 1), padding, lhs_dilation=(up, up),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    got = layers_lib.upsampling_correlation(jax.numpy.asarray(x), jax.numpy.asarray(k), up, padding)
+    assert got.dtype == np.float64
+  assert got.shape == ref.shape
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=0, atol=1e-12)

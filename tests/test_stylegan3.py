@@ -20,6 +20,7 @@ import pytest
 import scipy.signal
 import scipy.special
 
+from _reference import np_upfirdn2d
 from converters import Source
 from converters import __main__ as cli
 from converters import nvidia, safe_pickle
@@ -111,32 +112,6 @@ def test_bad_inputs_raise(gen, io):
 
 
 # --- A float64 NumPy transcription of NVIDIA's reference ops (NCHW). ---
-
-def np_upfirdn2d(x, f, up=1, down=1, padding=(0, 0, 0, 0), gain=1.0):
-  """`_upfirdn2d_ref`: zero insertion, pad/crop, flipped FIR (1-D: both axes), decimate."""
-  n, c, h, w = x.shape
-  u = np.zeros((n, c, h * up, w * up))
-  u[:, :, ::up, ::up] = x
-  px0, px1, py0, py1 = padding
-  u = np.pad(u, ((0, 0), (0, 0), (max(py0, 0), max(py1, 0)), (max(px0, 0), max(px1, 0))))
-  u = u[:, :, max(-py0, 0):u.shape[2] - max(-py1, 0), max(-px0, 0):u.shape[3] - max(-px1, 0)]
-  f = np.ones((1, 1)) if f is None else np.asarray(f, np.float64)
-  if f.ndim == 1:  # Separable: along w, then along h, gain ** 0.5 each.
-    u = np_fir(u, f[None, :] * gain ** 0.5, (1, down))
-    return np_fir(u, f[:, None] * gain ** 0.5, (down, 1))
-  return np_fir(u, f * gain, (down, down))
-
-
-def np_fir(u, f, strides):
-  """Valid convolution of u [n, c, h, w] with f [t_h, t_w] (flipped), strided."""
-  f = f[::-1, ::-1]
-  out_h, out_w = u.shape[2] - f.shape[0] + 1, u.shape[3] - f.shape[1] + 1
-  out = 0
-  for a in range(f.shape[0]):
-    for b in range(f.shape[1]):
-      out = out + u[:, :, a:a + out_h:strides[0], b:b + out_w:strides[1]] * f[a, b]
-  return out
-
 
 def np_synthesis_layer(rec, x, w):
   """One `SynthesisLayer.forward` (NCHW, float64), batch-wide style normalisation."""

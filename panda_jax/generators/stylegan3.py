@@ -96,36 +96,13 @@ def modulated_conv(x, weight, styles, demodulate, input_gain):
   return layers.modulated_conv2d(x, weight, styles, demodulate=demodulate)
 
 
-def _upfirdn_axis(x, f, axis: int, up: int, down: int, pad0: int, pad1: int):
-  """`upfirdn2d` along one axis with a 1-D filter `f [t]`, in polyphase form.
-
-  out[o] = sum_i x[i] flip(f)[i * up + pad0 - o * down]: each output sees at most
-  ceil(t / up) inputs, gathered one tap at a time (no zero-inserted signal and
-  no decimated outputs are ever computed).
-  """
-  length, taps = x.shape[axis], f.shape[0]
-  out = np.arange((length * up + pad0 + pad1 - taps) // down + 1)
-  first = -((pad0 - out * down) // up)  # ceil((o * down - pad0) / up)
-  flipped = jnp.flip(f)
-  shape = [1] * x.ndim
-  shape[axis] = out.size
-  y = jnp.zeros(x.shape[:axis] + (out.size,) + x.shape[axis + 1:], x.dtype)
-  for k in range(-(-taps // up)):
-    i = first + k
-    tap = i * up + pad0 - out * down
-    valid = (tap < taps) & (i >= 0) & (i < length)
-    weight = jnp.where(valid, flipped[np.clip(tap, 0, taps - 1)], 0)  # [out]
-    y = y + jnp.take(x, np.clip(i, 0, length - 1), axis=axis) * weight.reshape(shape)
-  return y
-
-
 def upfirdn2d(x, f, up=1, down=1, padding=(0, 0, 0, 0), gain=1.0):
   """NVIDIA's `upfirdn2d` (reference path) on NHWC: upsample, pad, FIR, downsample.
 
   Unlike `layers.upfirdn2d` (static 2-D filters), `f` is a traced parameter
   (the checkpoint's `up_filter`/`down_filter` buffers). A 1-D filter is applied
   separably, along w then h as NVIDIA's reference does, in polyphase form
-  (`_upfirdn_axis`: an order of magnitude faster than a depthwise conv over the
+  (`layers.upfirdn_axis`: an order of magnitude faster than a depthwise conv over the
   zero-inserted signal on CPU). A 2-D filter (StyleGAN3-R's radial one) runs as
   a strided depthwise conv.
 
@@ -140,8 +117,8 @@ def upfirdn2d(x, f, up=1, down=1, padding=(0, 0, 0, 0), gain=1.0):
     f = jnp.ones((1,), x.dtype)
   if f.ndim == 1:
     f = f * math.sqrt(gain)
-    x = _upfirdn_axis(x, f, 2, up, down, px0, px1)
-    return _upfirdn_axis(x, f, 1, up, down, py0, py1)
+    x = layers.upfirdn_axis(x, f, 2, up, down, px0, px1)
+    return layers.upfirdn_axis(x, f, 1, up, down, py0, py1)
   x = lax.pad(x, jnp.zeros((), x.dtype),
               [(0, 0, 0), (py0, py1 + up - 1, up - 1),
                (px0, px1 + up - 1, up - 1), (0, 0, 0)])
