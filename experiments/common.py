@@ -91,6 +91,16 @@ _SHARED = {
     "alpha": Flag("float", 3.0, "Edit strength (see --relative_alpha)."),
     "relative_alpha": Flag("bool", True, "Alpha in units of the mean norm of a feature "
                            "fibre (so one value suits any generator and layer); else absolute."),
+    "image": Flag("string", None, "A PNG to invert (the generator's image size and channels: "
+                  "RGB for an RGB generator)."),
+    "feature_steps": Flag("integer", 100, "Inversion: steps fine-tuning the features at "
+                          "--layer after the latents (0: latents only)."),
+    "structure_weight": Flag("float", 1.0, "Inversion: weight of the Laplacian-pyramid L1 "
+                             "term beside the pixel MSE in the latent stage (0: pixels only)."),
+    "feature_structure_weight": Flag("float", 0.0, "Inversion: the same weight in the "
+                                     "feature stage."),
+    "tie_layers": Flag("bool", False, "Inversion: one W code per image for StyleGANs (W) "
+                       "instead of one per layer (W+)."),
     "coordinator_address": Flag("string", None, "HOST:PORT of process 0 (multi-process)."),
     "num_processes": Flag("integer", None, "Number of processes (multi-process)."),
     "process_id": Flag("integer", None, "Index of this process (multi-process)."),
@@ -103,6 +113,9 @@ DECOMPOSITION = ("rank_c", "rank_s", "steps", "parts_init", "checkpoint_every")
 # The options of every launcher that works from factors (decompose's, plus where
 # the factors come from and how many samples to show).
 WITH_FACTORS = SAMPLING + DECOMPOSITION + ("factors", "num_show")
+# How a real image is inverted (`pj.invert`; `experiments.real_images`).
+INVERSION = ("image", "feature_steps", "structure_weight", "feature_structure_weight",
+             "tie_layers")
 
 
 # ----------------------------------------------------------------------------- configs

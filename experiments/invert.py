@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import jax
@@ -31,91 +30,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import real_images
+from experiments.real_images import BadImage, read_png, write_png  # noqa: F401 (API)
 import panda_jax as pj
 from panda_jax import inversion
 from panda_jax import parts_eval
 from panda_jax import viz
 
 SPEC = common.spec(
-    "generator", "layer", "out", "seed", "steps", *common.DISTRIBUTED,
-    image=common.Flag("string", None, "The PNG to invert (RGB for an RGB generator; its "
-                      "size must be the generator's)."),
-    feature_steps=common.Flag("integer", 100, "Steps fine-tuning the features at --layer "
-                              "after the latents (0: latents only)."),
-    structure_weight=common.Flag("float", 1.0, "Weight of the Laplacian-pyramid L1 term "
-                                 "beside the pixel MSE in the latent stage (0: pixels only)."),
-    feature_structure_weight=common.Flag("float", 0.0, "The same weight in the feature "
-                                         "stage."),
-    tie_layers=common.Flag("bool", False, "One W code per image for StyleGANs (W) instead "
-                           "of one per layer (W+)."),
+    "generator", "layer", "out", "seed", "steps", *common.DISTRIBUTED, *common.INVERSION,
     benchmark=common.Flag("bool", False, "Run the issue-21 measurement; --out is then the "
                           "JSON file to write."),
     num_images=common.Flag("integer", 64, "Held-out renders (and generated samples) the "
                            "benchmark scores."),
     dcgan=common.Flag("string", None, "A converted DCGAN directory the benchmark also "
                       "scores (held-out samples, latents discarded)."))
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-class BadImage(ValueError):
-  """An input image that cannot be inverted (exit code 2)."""
-
-
-# ----------------------------------------------------------------------------- PNG I/O
-
-
-def read_png(path: str) -> np.ndarray:
-  """A PNG as float32 `[H, W, ch]` in [-1, 1] (ch 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA).
-
-  Raises:
-    BadImage: a missing file, a file that is not a PNG, a corrupt PNG.
-  """
-  from PIL import Image  # pylint: disable=import-outside-toplevel (matplotlib's dependency)
-  try:
-    with open(path, "rb") as f:
-      head = f.read(8)
-  except OSError as e:
-    raise BadImage(f"cannot read --image={path}: {e.strerror or e}") from None
-  if head != PNG_MAGIC:
-    raise BadImage(f"--image={path} is not a PNG file (starts with {head[:8]!r})")
-  try:
-    with Image.open(path) as img:
-      img.load()
-      if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-      data = np.asarray(img)
-  except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
-    raise BadImage(f"--image={path} is a corrupt PNG ({type(e).__name__}: "
-                   f"{' '.join(str(e).split())})") from None
-  if data.dtype == np.bool_:
-    data = data.astype(np.float32)
-  elif np.issubdtype(data.dtype, np.integer):
-    data = data.astype(np.float32) / (65535.0 if data.max(initial=0) > 255 else 255.0)
-  data = np.asarray(data, np.float32)
-  if data.ndim == 2:
-    data = data[..., None]
-  return data * 2 - 1
-
-
-def write_png(path: str, image) -> None:
-  """Writes `[H, W, 3]` (or `[H, W, 1]`) in [-1, 1] as an 8-bit PNG."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  image = np.asarray(image, np.float32)
-  data = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
-  Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data).save(path, format="PNG")
-
-
-def load_image(path: str, gen) -> jax.Array:
-  """`path` as a checked `[1, H, W, ch]` batch for `gen`; `BadImage` names what is wrong."""
-  if not path:
-    raise BadImage("--image is required (a PNG), or pass --benchmark")
-  image = read_png(path)
-  try:
-    return inversion.check_images(gen, image[None])
-  except ValueError as e:
-    raise BadImage(f"--image={path}: {e}") from None
-
 
 # ----------------------------------------------------------------------------- one image
 
@@ -133,13 +62,15 @@ def run(config) -> dict:
   if config.benchmark:
     return benchmark(config)
   gen = common.load_generator(config.generator)
-  image = load_image(config.image, gen)            # Everything checked before --out exists.
+  if not config.image:
+    raise real_images.BadImage("--image is required (a PNG), or pass --benchmark")
+  image = real_images.load_image(config.image, gen)  # Everything checked before --out exists.
   layer = common.resolve_layer(gen, config.layer)
   if config.steps < 0 or config.feature_steps < 0:
     raise ValueError(f"--steps and --feature_steps must be >= 0, got {config.steps}, "
                      f"{config.feature_steps}")
   out = common.output_dir(config.out)
-  result, seconds = _timed_invert(gen, image, config, layer)
+  result, seconds = real_images.timed_invert(gen, image, config, layer, config.steps)
   recon = np.asarray(result.reconstruction)
   history = np.asarray(result.loss_history)
   latent_recon = gen.generate(result.latents)[..., :image.shape[-1]]
@@ -147,10 +78,8 @@ def run(config) -> dict:
     viz.plot_edit(np.asarray(image), recon, os.path.join(out, "inversion.png"))
     save_latents(os.path.join(out, "latents.npz"), result)
   return common.write_metrics(out, dict(
-      image=os.path.abspath(config.image), generator=config.generator, layer=layer,
-      steps=config.steps, feature_steps=config.feature_steps,
-      structure_weight=config.structure_weight,
-      feature_structure_weight=config.feature_structure_weight, tie_layers=config.tie_layers,
+      image=os.path.abspath(config.image), image_sha256=real_images.file_sha256(config.image),
+      generator=config.generator, layer=layer, **real_images.settings(config, config.steps),
       psnr=float(inversion.psnr(recon, image)[0]),
       psnr_latents_only=float(inversion.psnr(latent_recon, image)[0]),
       loss=float(history[-1]) if history.size else None, loss_history=history,
@@ -216,7 +145,7 @@ def benchmark(config) -> dict:
 
   # Inversion of the renders.
   timings = {}
-  inv, timings["invert_batch_s"] = _timed_invert(gen, rgb, config, layer)
+  inv, timings["invert_batch_s"] = real_images.timed_invert(gen, rgb, config, layer, config.steps)
   latent_out = gen.generate(inv.latents)
   latent_only = common.split_labels(latent_out)
   full = gen.resume(inv.features, inv.carry, inv.latents, layer)
@@ -272,7 +201,7 @@ def benchmark(config) -> dict:
   # Time of one 32x32 image (item 4): first call (with compilation) and warm.
   one = rgb[:1]
   for name in ("one_image_first_call_s", "one_image_s"):
-    _, timings[name] = _timed_invert(gen, one, config, layer, seed=1, progress=False)
+    _, timings[name] = real_images.timed_invert(gen, one, config, layer, config.steps, seed=1, progress=False)
   results["timing"] = timings
 
   if config.dcgan:
@@ -292,18 +221,6 @@ def _stats(values) -> dict:
               min=round(float(values.min()), 3))
 
 
-def _timed_invert(gen, images, config, layer, *, seed=None, progress=True):
-  """`pj.invert` with the launcher's settings: `(Inversion, wall seconds)`."""
-  start = time.perf_counter()
-  result = inversion.invert(gen, images, key=jax.random.PRNGKey(config.seed if seed is None else seed),
-                            steps=config.steps, layer=layer, feature_steps=config.feature_steps,
-                            structure_weight=config.structure_weight,
-                            feature_structure_weight=config.feature_structure_weight,
-                            tie_layers=config.tie_layers, progress=progress)
-  jax.block_until_ready(result.reconstruction)
-  return result, time.perf_counter() - start
-
-
 def dcgan_benchmark(config, n: int) -> dict:
   """PSNR of held-out DCGAN samples (images only; their latents are discarded)."""
   gen = common.load_generator(config.dcgan)
@@ -311,19 +228,11 @@ def dcgan_benchmark(config, n: int) -> dict:
   z = jax.random.normal(jax.random.PRNGKey(2100 + config.seed), (n, gen.z_dim))
   images = np.asarray(gen.generate(gen.latents(z)))
   del z
-  inv, seconds = _timed_invert(gen, images, config, layer)
+  inv, seconds = real_images.timed_invert(gen, images, config, layer, config.steps)
   return dict(generator=config.dcgan, layer=layer, seconds=seconds,
               psnr_latents=_stats(inversion.psnr(gen.generate(inv.latents), images)),
               psnr=_stats(inversion.psnr(inv.reconstruction, images)))
 
 
-def _cli(config) -> dict:
-  try:
-    return run(config)
-  except BadImage as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  common.main(_cli, SPEC)
+  common.main(real_images.cli(run), SPEC)

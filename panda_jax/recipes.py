@@ -10,7 +10,10 @@ pixels again on the same machine, and refuses what does not match:
      "edit": {"part": [2] | {"mask": <packed bits>, "shape": [H, W]},
               "appearance": 3, "alpha": 12.5, "normalise": "minmax",
               "refined": false | {"method": "paper", "k": null, "steps": 50}},
-     "samples": {"seed": 0, "truncation_psi": 1.0, "seeds": [0, 5]},
+     "samples": {"seed": 0, "truncation_psi": 1.0, "seeds": [0, 5]}
+              | {"image": {"sha256": <of the image file>, "inversion": {"steps": 300,
+                 "feature_steps": 100, "structure_weight": 1.0,
+                 "feature_structure_weight": 0.0, "tie_layers": false, "seed": 0}}},
      "roir": {"mean": 0.1, "std": 0.02},
      "checksum": <sha256 of everything above>}
 
@@ -18,7 +21,9 @@ pixels again on the same machine, and refuses what does not match:
 sample `t` of the stream `fold_in(split(PRNGKey(seed))[0], t)`
 (`generator_ops.sample_latents`; the launchers' `--seed`). Every sample is
 rendered alone (batch of one), so its pixels never depend on which other seeds
-are replayed with it. `normalise` is how parts are mapped into [0, 1]
+are replayed with it. A card made on a real image names the image file's
+sha256 and the `inversion.invert` settings instead (`image_sample` inverts it
+again: the same features on the same machine). `normalise` is how parts are mapped into [0, 1]
 (`editing.normalise_part`); `refined` names the `refinement.refine` options of
 the per-sample parts (false: the global parts). Both are recorded so that a card
 replays the same edit when the library's defaults change. Cards of format
@@ -45,6 +50,7 @@ import numpy as np
 
 from panda_jax import editing
 from panda_jax import generator_ops
+from panda_jax import inversion
 from panda_jax import metrics
 from panda_jax import refinement
 
@@ -55,6 +61,9 @@ REFINE = {"method": "paper", "k": None, "steps": 50}
 # What cards of format /1 were made with (the library's defaults then).
 _FORMAT_1_SETTINGS = ("max", {"method": "register", "k": None, "steps": 0})
 _MAX_SEEDS = 4096
+# The `inversion.invert` settings a card made on a real image records.
+INVERSION_KEYS = ("steps", "feature_steps", "structure_weight", "feature_structure_weight",
+                  "tie_layers", "seed")
 _MAX_CARD_BYTES = 1 << 22
 
 
@@ -130,7 +139,8 @@ def _refine_options(refined) -> Optional[dict]:
 
 
 def make_card(*, generator: dict, factors: dict, part, appearance: int, alpha: float,
-              refined, seed: int, seeds: Sequence[int], truncation_psi: float = 1.0,
+              refined, seed: Optional[int] = None, seeds: Optional[Sequence[int]] = None,
+              truncation_psi: float = 1.0, image: Optional[dict] = None,
               roir: Optional[tuple] = None, normalise: str = "minmax") -> dict:
   """A validated card (see the module doc), checksum included.
 
@@ -141,6 +151,8 @@ def make_card(*, generator: dict, factors: dict, part, appearance: int, alpha: f
     refined: False (global parts), True (per-sample parts with `REFINE`) or a
       dict `{method, k, steps}` of `refinement.refine` options.
     seed: the sample stream; seeds: the samples the edit was made on.
+    image: instead of `seed` / `seeds`, a real image: `{"sha256": of its file,
+      "inversion": INVERSION_KEYS settings}`.
     roir: `(mean, std)` of Eq. (13) measured on them, or None.
     normalise: how parts are mapped into [0, 1] ("minmax" or "max").
   """
@@ -153,8 +165,11 @@ def make_card(*, generator: dict, factors: dict, part, appearance: int, alpha: f
   card = {"format": FORMAT, "generator": dict(generator), "factors": dict(factors),
           "edit": {"part": part_spec, "appearance": int(appearance), "alpha": float(alpha),
                    "normalise": normalise, "refined": _refine_options(refined) or False},
-          "samples": {"seed": int(seed), "truncation_psi": float(truncation_psi),
-                      "seeds": [int(t) for t in seeds]},
+          "samples": ({"image": {"sha256": image["sha256"],
+                                 "inversion": dict(image["inversion"])}}
+                      if image is not None else
+                      {"seed": int(seed), "truncation_psi": float(truncation_psi),
+                       "seeds": [int(t) for t in seeds]}),
           "roir": None if roir is None else {"mean": float(roir[0]), "std": float(roir[1])}}
   card["checksum"] = _checksum(card)
   return validate(card)
@@ -219,8 +234,19 @@ def validate(card: Any) -> dict:
         and (refined["k"] is None or _is_int(refined["k"]) and refined["k"] >= 1)
         and _is_int(refined["steps"]) and refined["steps"] >= 0),
              "refined must be false or {method, k (null or >= 1), steps (>= 0)}")
+  if isinstance(samples, dict) and set(samples) == {"image"}:
+    _validate_image(samples["image"])
+  else:
+    _validate_seeds(samples)
+  roir = card["roir"]
+  _require(roir is None or (isinstance(roir, dict) and set(roir) == {"mean", "std"}),
+           "roir must be null or {mean, std}")
+  return card
+
+
+def _validate_seeds(samples) -> None:
   _require(isinstance(samples, dict) and set(samples) == {"seed", "truncation_psi", "seeds"},
-           "samples must be {seed, truncation_psi, seeds}")
+           "samples must be {seed, truncation_psi, seeds} or {image}")
   _require(_is_int(samples["seed"]) and isinstance(samples["truncation_psi"], (int, float))
            and math.isfinite(samples["truncation_psi"]),
            "seed must be an int, truncation_psi a number")
@@ -228,10 +254,21 @@ def validate(card: Any) -> dict:
   _require(isinstance(seeds, list) and 1 <= len(seeds) <= _MAX_SEEDS
            and all(_is_int(t) and 0 <= t < 2**31 for t in seeds),
            f"seeds must be 1 to {_MAX_SEEDS} integers in [0, 2^31)")
-  roir = card["roir"]
-  _require(roir is None or (isinstance(roir, dict) and set(roir) == {"mean", "std"}),
-           "roir must be null or {mean, std}")
-  return card
+
+
+def _validate_image(image) -> None:
+  _require(isinstance(image, dict) and set(image) == {"sha256", "inversion"}
+           and _is_sha(image["sha256"]), "image must be {sha256: 64 hex digits, inversion}")
+  options = image["inversion"]
+  _require(isinstance(options, dict) and set(options) == set(INVERSION_KEYS),
+           f"inversion must be {{{', '.join(INVERSION_KEYS)}}}")
+  _require(all(_is_int(options[k]) and options[k] >= 0 for k in ("steps", "feature_steps"))
+           and _is_int(options["seed"]) and isinstance(options["tie_layers"], bool)
+           and all(isinstance(options[k], (int, float)) and not isinstance(options[k], bool)
+                   and math.isfinite(options[k]) and options[k] >= 0
+                   for k in ("structure_weight", "feature_structure_weight")),
+           "inversion: steps, feature_steps >= 0 and seed integers, tie_layers a bool, "
+           "the weights finite numbers >= 0")
 
 
 def save(path: str, card: dict) -> str:
@@ -315,6 +352,15 @@ def sample(gen, layer: int, seed: int, index: int, truncation_psi: float = 1.0) 
   return Sample(lat, x, carry, gen.resume(x, carry, lat, layer))
 
 
+def image_sample(gen, layer: int, image, settings: dict, progress: bool = False) -> Sample:
+  """A real image `[1, H, W, ch]` inverted with a card's `settings` (`INVERSION_KEYS`)."""
+  options = dict(settings)
+  inv = inversion.invert(gen, image, key=jax.random.PRNGKey(options.pop("seed")), layer=layer,
+                         progress=progress, **options)
+  return Sample(inv.latents, inv.features, inv.carry,
+                gen.resume(inv.features, inv.carry, inv.latents, layer))
+
+
 def sample_parts(one: Sample, appearances, parts, refined):
   """The parts an edit of `one` uses: global `[s, r_s]` or its refined `[1, s, r_s]`.
 
@@ -350,8 +396,8 @@ def region(part, parts, features, size, normalise: str = "minmax") -> np.ndarray
 
 
 def replay(card: dict, gen, factors, seeds: Optional[Sequence[int]] = None,
-           rgb=lambda images: images):
-  """Replays a card on `seeds` (default: the card's).
+           rgb=lambda images: images, samples: Optional[Sequence[Sample]] = None):
+  """Replays a card on `seeds` (default: the card's), or on `samples`.
 
   Args:
     card: a validated card; gen: the generator; factors: A and P (`pj.Factors`).
@@ -359,20 +405,28 @@ def replay(card: dict, gen, factors, seeds: Optional[Sequence[int]] = None,
     seeds: sample indices of the card's stream.
     rgb: maps raw images `[n, H, W, ch]` to the channels the ROIR is measured
       on (e.g. drops label channels).
+    samples: instead of seeds, `Sample`s to edit (`image_sample` of the card's
+      image for a card made on a real image).
 
   Returns:
     `(originals, edited, roir)`: raw images `[n, H, W, ch]` and `(mean, std)`
     of Eq. (13) inside the edit's region.
   """
-  seeds = card["samples"]["seeds"] if seeds is None else [int(t) for t in seeds]
-  if not seeds:
-    raise ValueError("replay: give at least one seed")
   layer, edit = card["factors"]["layer"], card["edit"]
+  if samples is None:
+    if "image" in card["samples"]:
+      raise ValueError("this card was made on a real image (sha256 "
+                       f"{card['samples']['image']['sha256'][:12]}...): replay it on "
+                       "`image_sample` of that image")
+    seeds = card["samples"]["seeds"] if seeds is None else [int(t) for t in seeds]
+    samples = [sample(gen, layer, card["samples"]["seed"], t, card["samples"]["truncation_psi"])
+               for t in seeds]
+  if not samples:
+    raise ValueError("replay: give at least one seed")
   part = part_of(card)
   normalise, refined = settings(card)
   before, after, regions = [], [], []
-  for t in seeds:
-    one = sample(gen, layer, card["samples"]["seed"], t, card["samples"]["truncation_psi"])
+  for one in samples:
     parts = sample_parts(one, factors.appearances, factors.parts, refined or False)
     image = render(gen, layer, one, factors.appearances, parts, part, edit["appearance"],
                    edit["alpha"], normalise)

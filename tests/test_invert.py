@@ -11,6 +11,7 @@ import pytest
 import panda_jax as pj
 from experiments import common
 from experiments import invert as launcher
+from experiments import real_images
 from panda_jax import generators
 from panda_jax import inversion
 from panda_jax.data import toyfaces
@@ -154,3 +155,68 @@ def test_launcher_writes_figure_metrics_and_latents(tmp_path):
   assert metrics["psnr"] > 10 and metrics["seconds"] > 0 and metrics["layer"] == 5
   with np.load(out / "latents.npz") as f:
     assert f["latent_0"].shape == (1, 8, 64) and f["features"].shape == (1, 16, 16, 64)
+
+
+def test_edit_of_a_real_image(gen, tmp_path):
+  """`experiments.edit --image`: the inversion, the edits on its features and the
+  metrics are those of `pj.invert` + `editing.edit_many` + `gen.resume` run here
+  (deterministic on one machine: equal to float32 rounding of the same program)."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  from experiments import decompose, edit  # pylint: disable=import-outside-toplevel
+  factors_dir = str(tmp_path / "factors")
+  decompose.run(common.make_config(decompose.SPEC, out=factors_dir, layer=5, num_samples=16,
+                                   rank_c=4, rank_s=3, steps=5, num_show=1, num_eval=2))
+  render = toyfaces.sample(np.random.default_rng([21, 1]), 1).images[0]
+  path = tmp_path / "face.png"
+  launcher.write_png(str(path), render)
+  mask = np.zeros((32, 32), np.float32)
+  mask[8:16, 8:24] = 1
+  np.save(tmp_path / "mask.npy", mask)
+  settings = dict(inversion_steps=10, feature_steps=5, layer=5, seed=3)
+  out = tmp_path / "out"
+  metrics = edit.run(common.make_config(
+      edit.SPEC, image=str(path), factors=factors_dir, out=str(out),
+      edit=["1:0:3", f"{tmp_path / 'mask.npy'}:1:4", "0:2:0"], save_recipes=True, **settings))
+  assert {"inversion.png", "edit_0.png", "edit_1.png", "edit_2.png", "edit_all.png",
+          "metrics.json"} <= set(os.listdir(out))
+  assert metrics["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+  assert metrics["inversion"] == dict(steps=10, feature_steps=5, structure_weight=1.0,
+                                      feature_structure_weight=0.0, tie_layers=False, seed=3)
+  part_edit, mask_edit, null_edit, _ = metrics["edits"]
+  assert null_edit["mean_squared_change"] == 0.0
+  assert part_edit["mean_squared_change"] > 0 and "roir_mean" not in part_edit
+  # The same program here.
+  image = real_images.load_image(str(path), gen)
+  inv = pj.invert(gen, image, key=jax.random.PRNGKey(3), steps=10, layer=5, feature_steps=5,
+                  progress=False)
+  resume = lambda x: np.asarray(gen.resume(x, inv.carry, inv.latents, 5))[..., :3]
+  before = resume(inv.features)
+  assert metrics["psnr"] == pytest.approx(float(inversion.psnr(before, image)[0]), rel=1e-6)
+  factors = pj.load_factors(os.path.join(factors_dir, "factors"))
+  alpha = common.absolute_alpha(common.make_config(edit.SPEC), inv.features, 4.0)
+  after = resume(pj.edit_many(inv.features, factors.appearances, factors.parts,
+                              [(mask, 1, alpha)]))
+  expected = common.roir(before, after, mask[None])
+  assert mask_edit["roir_mean"] == pytest.approx(expected["roir_mean"], rel=1e-5)
+  # Its recipe card replays on the same image (and only on it): the same pixels.
+  card = metrics["recipes"][1]
+  replayed = edit.run(common.make_config(edit.SPEC, recipe=card, image=str(path),
+                                         factors=factors_dir, out=str(tmp_path / "replay")))
+  with np.load(tmp_path / "replay" / "replay.npz") as f:
+    np.testing.assert_array_equal(f["edited"][..., :3], after)
+  assert replayed["roir_mean"] == pytest.approx(mask_edit["roir_mean"], rel=1e-6)
+  other = tmp_path / "other.png"
+  launcher.write_png(str(other), render[::-1])
+  for kwargs, message in [(dict(image=str(other)), "not the image the recipe was made on"),
+                          ({}, "made on a real image")]:
+    with pytest.raises(ValueError, match=message):
+      edit.run(common.make_config(edit.SPEC, recipe=card, factors=factors_dir,
+                                  out=str(tmp_path / "refused"), **kwargs))
+    assert not (tmp_path / "refused").exists()
+  # A bad image: nothing written.
+  bad = tmp_path / "bad.png"
+  bad.write_text("not an image\n")
+  with pytest.raises(launcher.BadImage, match="not a PNG"):
+    edit.run(common.make_config(edit.SPEC, image=str(bad), factors=factors_dir,
+                                out=str(tmp_path / "bad_out"), **settings))
+  assert not (tmp_path / "bad_out").exists()
