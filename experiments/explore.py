@@ -16,9 +16,16 @@ the chosen appearance, object removal (Sec. 5.1.1) and ranking (Eqs. 17-18).
 "Save recipe" writes a JSON card (`panda_jax.recipes`) that
 `python -m experiments.edit --recipe=CARD.json --seeds=...` replays.
 
+"Your image": a PNG of the generator's size (or `--image` at start-up) is
+inverted (`pj.invert` with `--inversion_steps`, `--feature_steps`, ...) and
+shown under a negative index (-1, -2, ...) in the seed box; every panel then
+works on its inverted features, and its saved cards name the image's sha256 and
+the inversion settings (`experiments.edit --recipe=CARD --image=FILE` replays).
+
 It binds 127.0.0.1 unless `--host` says otherwise; the only inputs are numbers
-and drawn pixels, the files it reads are the converted generator and the
-factors (orbax arrays): nothing is unpickled or executed.
+and drawn pixels, the files it reads are the converted generator, the
+factors (orbax arrays) and uploaded PNGs (checked by `experiments.real_images`):
+nothing is unpickled or executed.
 """
 
 import collections
@@ -36,13 +43,16 @@ from matplotlib import colormaps
 import panda_jax as pj
 from experiments import common
 from experiments import decompose
+from experiments import real_images
 from panda_jax import editing
 from panda_jax import interpret
 from panda_jax import parts_eval
 from panda_jax import recipes
 
 SPEC = common.spec(
-    *common.WITH_FACTORS,
+    *common.WITH_FACTORS, *common.INVERSION,
+    inversion_steps=common.Flag("integer", 300, "Inversion of an uploaded image: optimiser "
+                                "steps on the latents (then --feature_steps on the features)."),
     host=common.Flag("string", "127.0.0.1", "Address to bind (127.0.0.1: this machine only)."),
     port=common.Flag("integer", 7860, "Port of the page."),
     num_grid=common.Flag("integer", 8, "Samples in the sample grid."),
@@ -101,8 +111,14 @@ class Explorer:
 
   def __init__(self, gen, generator_name: str, factors, layer: int, factors_path, *,
                seed: int = 0, truncation_psi: float = 1.0, num_grid: int = 8,
-               num_rank: int = 64, recipes_dir: str = "recipes"):
+               num_rank: int = 64, recipes_dir: str = "recipes",
+               inversion: dict | None = None):
     self.gen, self.factors, self.layer = gen, factors, layer
+    # How uploaded images are inverted (`recipes.INVERSION_KEYS`); index -1 - k: upload k.
+    self.inversion = dict(inversion or dict(steps=300, feature_steps=100, structure_weight=1.0,
+                                            feature_structure_weight=0.0, tie_layers=False,
+                                            seed=0))
+    self._uploads = {}  # index -> (Sample, sha256 of the file)
     self.seed, self.psi = seed, truncation_psi
     self.recipes_dir = recipes_dir
     self.generator_id = recipes.generator_identity(generator_name, gen)
@@ -119,8 +135,21 @@ class Explorer:
 
   # --------------------------------------------------------------------------- samples
 
+  def upload(self, path: str) -> int:
+    """Inverts the PNG at `path` (`real_images.BadImage` when it is not one of the
+    generator's size); returns the negative index it is shown under."""
+    image = real_images.load_image(path, self.gen)
+    index = -1 - len(self._uploads)
+    one = recipes.image_sample(self.gen, self.layer, image, self.inversion)
+    self._uploads[index] = (one, real_images.file_sha256(path))
+    return index
+
   def sample(self, index: int) -> recipes.Sample:
     index = int(index)
+    if index < 0:
+      if index not in self._uploads:
+        raise ValueError(f"no uploaded image {index} (uploads are -1 .. {-len(self._uploads)})")
+      return self._uploads[index][0]
     if index in self._samples:
       self._samples.move_to_end(index)
     else:
@@ -260,10 +289,13 @@ class Explorer:
   def card(self, index: int, part, appearance: int, relative_alpha: float, refined: bool):
     """The recipe card of the current edit (ROIR measured on this sample)."""
     roir = self.edit(index, part, appearance, relative_alpha, refined)[3]
+    if int(index) < 0:
+      samples = dict(image={"sha256": self._uploads[int(index)][1], "inversion": self.inversion})
+    else:
+      samples = dict(seed=self.seed, seeds=[int(index)], truncation_psi=self.psi)
     return recipes.make_card(generator=self.generator_id, factors=self.factors_id, part=part,
                              appearance=appearance, alpha=relative_alpha * self.scale,
-                             refined=refined, seed=self.seed, seeds=[int(index)],
-                             truncation_psi=self.psi, roir=roir)
+                             refined=refined, roir=roir, **samples)
 
   def save(self, card: dict) -> str:
     name = f"recipe-{card['checksum'][:12]}.json"
@@ -299,8 +331,11 @@ def build_page(explorer: Explorer):
                 f"{ex.layer}, {ex.rank_s} parts, {ex.rank_c} appearances")
     with gr.Row():
       with gr.Column(scale=1):
-        seed = gr.Number(value=0, precision=0, minimum=0, label="seed (sample index)",
-                         elem_id="seed")
+        seed = gr.Number(value=0, precision=0, label="seed (sample index; -1, -2, ...: "
+                         "your uploaded images)", elem_id="seed")
+        upload = gr.File(label="your image (a PNG of the generator's size: inverted, then "
+                         "edited like a sample)", file_types=[".png"], type="filepath",
+                         elem_id="upload")
         grid = gr.Gallery(value=ex.grid_images(), columns=4, height=180, label="sample grid",
                           elem_id="grid", allow_preview=False)
         overlay = image("parts (click one to pick it)", "overlay")
@@ -366,6 +401,15 @@ def build_page(explorer: Explorer):
       return before, after, changed, f"{mean:.4f} (lower is more local)"
 
     @serial
+    def on_upload(path):
+      if not path:
+        return gr.Number()
+      try:
+        return ex.upload(path)
+      except real_images.BadImage as err:
+        raise gr.Error(str(err))
+
+    @serial
     def on_sample(seed_v, scope_v, app_v):
       index = int(seed_v or 0)
       background = _enlarge(display(ex.sample(index).image))
@@ -423,6 +467,7 @@ def build_page(explorer: Explorer):
     appearance.change(serial(lambda s, a: ex.saliency_view(int(s or 0), int(a))),
                       [seed, appearance], saliency)
     grid.select(selected, None, seed)
+    upload.upload(on_upload, upload, seed)
     palette.select(selected, None, appearance)
     overlay.select(on_pick, [seed, scope, picked], picked)
     remove_button.click(on_remove, [seed, mode, picked, mask, alpha, scope], removed)
@@ -436,14 +481,20 @@ def build_page(explorer: Explorer):
 def explorer_from(config) -> Explorer:
   """Loads the generator and the factors (decomposing when `--factors` is not given)."""
   gen = common.load_generator(config.generator)
+  if config.image:
+    real_images.load_image(config.image, gen)  # A bad --image: exit 2 before any work.
   if not config.factors and not config.out:
     config.out = tempfile.mkdtemp(prefix="panda_explore_")
   factors, layer = decompose.factors_for(config, gen)
   path = config.factors or os.path.join(config.out, "decompose")
-  return Explorer(gen, config.generator, factors, layer, os.path.abspath(path),
-                  seed=config.seed, truncation_psi=config.truncation_psi,
-                  num_grid=config.num_grid, num_rank=config.num_rank,
-                  recipes_dir=os.path.abspath(config.recipes_dir))
+  explorer = Explorer(gen, config.generator, factors, layer, os.path.abspath(path),
+                      seed=config.seed, truncation_psi=config.truncation_psi,
+                      num_grid=config.num_grid, num_rank=config.num_rank,
+                      recipes_dir=os.path.abspath(config.recipes_dir),
+                      inversion=real_images.settings(config, config.inversion_steps))
+  if config.image:
+    explorer.upload(config.image)  # Index -1.
+  return explorer
 
 
 def run(config) -> None:
@@ -466,4 +517,4 @@ def run(config) -> None:
 
 
 if __name__ == "__main__":
-  common.main(run, SPEC)
+  common.main(real_images.cli(run), SPEC)

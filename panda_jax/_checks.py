@@ -37,13 +37,29 @@ def flatten_features(features, name: str = "features"):
       f"{name} must be [n, s, c] or [n, h, w, c], got shape {tuple(features.shape)}")
 
 
+@jax.jit
+def _count_non_finite(x):
+  # Counted where the array lives (sharded arrays: on every device); only the count
+  # reaches the host. float32 above 2^31 elements: the count is for the message.
+  dtype = jnp.int32 if x.size < 2**31 else jnp.float32
+  return jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=dtype)
+
+
 def check_finite(x, name: str) -> None:
-  """Raises if a concrete array holds NaN or Inf (no-op on tracers)."""
-  if is_concrete(x):
+  """Raises if a concrete array holds NaN or Inf (no-op on tracers).
+
+  A NumPy array is checked on the host, a `jax.Array` on its device(s): the
+  features are never copied to the host for this.
+  """
+  if not is_concrete(x):
+    return
+  if isinstance(x, jax.Array):
+    bad = int(_count_non_finite(x))
+  else:
     finite = np.isfinite(np.asarray(x))
-    if not finite.all():
-      bad = int(finite.size - finite.sum())
-      raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
+    bad = int(finite.size - finite.sum())
+  if bad:
+    raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
 
 
 def check_factors(z_shape, appearances, parts=None) -> None:

@@ -3,7 +3,9 @@
 Starts `python -m experiments.explore` on 127.0.0.1, picks a part, moves the
 alpha slider, and checks that the displayed edit changes the pixels inside the
 part much more than outside; then saves a recipe from the page and replays it
-with `python -m experiments.edit --recipe=... --seeds=...`: the same pixels.
+with `python -m experiments.edit --recipe=... --seeds=...`: the same pixels. Then
+uploads a PNG (inverted, shown as sample -1), saves its card and replays it with
+`--recipe=... --image=...`: the same pixels.
 Skips (saying why) without the `demo` extra or without /usr/bin/chromium
 (`apt-get install chromium`; `.ci/run` installs both). Set PANDA_SCREENSHOT=PATH
 to keep the page's screenshot.
@@ -36,6 +38,7 @@ from PIL import Image  # noqa: E402  (a gradio dependency)
 from experiments import common  # noqa: E402
 from experiments import decompose  # noqa: E402
 from experiments import explore  # noqa: E402
+from experiments import real_images  # noqa: E402
 import panda_jax as pj  # noqa: E402
 from panda_jax import generators  # noqa: E402
 from panda_jax import recipes  # noqa: E402
@@ -72,7 +75,7 @@ def server(setup):
   proc = subprocess.Popen(
       [sys.executable, "-m", "experiments.explore", f"--generator={generator}",
        f"--factors={factors}", f"--port={port}", f"--recipes_dir={out / 'recipes'}",
-       "--num_rank=16"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+       "--num_rank=16", "--inversion_steps=10", "--feature_steps=5"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}/"
   try:
     while True:
@@ -137,6 +140,27 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
       page.locator("#save").click()
       page.wait_for_function("document.querySelector('#recipe_path textarea').value.length > 0")
       card_path = page.locator("#recipe_path textarea").input_value()
+      # Upload a PNG: it is inverted and shown as sample -1; its card names the image.
+      upload_path = out / "mine.png"
+      real_images.write_png(str(upload_path), np.asarray(gen.generate(gen.latents(
+          np.ones((1, gen.z_dim), np.float32))))[0, ..., :3])
+      sample_src = page.locator("#original img").get_attribute("src")
+      page.locator("#upload input[type=file]").set_input_files(str(upload_path))
+      page.wait_for_function("document.querySelector('#seed input').value === '-1'",
+                             timeout=120_000)
+      page.wait_for_function(
+          "src => document.querySelector('#original img').getAttribute('src') !== src",
+          arg=sample_src, timeout=60_000)
+      page.wait_for_function(
+          "src => document.querySelector('#edited img').getAttribute('src') !== "
+          "document.querySelector('#original img').getAttribute('src')", arg=None)
+      uploaded_edit = _png(page, "#edited img")
+      previous_card = card_path
+      page.locator("#save").click()
+      page.wait_for_function(
+          "old => { const v = document.querySelector('#recipe_path textarea').value;"
+          " return v.length > 0 && v !== old; }", arg=previous_card)
+      image_card_path = page.locator("#recipe_path textarea").input_value()
       if os.environ.get("PANDA_SCREENSHOT"):
         page.screenshot(path=os.environ["PANDA_SCREENSHOT"], full_page=True)
     finally:
@@ -165,4 +189,18 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
     np.testing.assert_array_equal(explore.display(f["originals"][:1]), original)
   metrics = json.loads((replay_out / "metrics.json").read_text())
   assert metrics["roir_mean"] == card["roir"]["mean"]
+
+  # The uploaded image's card replays on that file only, to the pixels the page showed.
+  image_card = recipes.load(image_card_path)
+  assert image_card["samples"]["image"]["sha256"] == real_images.file_sha256(str(upload_path))
+  assert image_card["samples"]["image"]["inversion"]["steps"] == 10
+  image_out = out / "replay_image"
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.edit", f"--recipe={image_card_path}",
+       f"--image={upload_path}", f"--generator={generator}", f"--factors={factors_dir}",
+       f"--out={image_out}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with np.load(image_out / "replay.npz") as f:
+    np.testing.assert_array_equal(explore.display(f["edited"][:1]), uploaded_edit)
 

@@ -207,3 +207,36 @@ def test_gallery_renders_cards_and_lists_refused_ones(setup, on_disk, tmp_path):
   page = (tmp_path / "zoo" / "index.html").read_text()
   assert "refused" in page and "good_seed1_after.png" in page
   assert (tmp_path / "zoo" / "good_seed1_difference.png").stat().st_size > 0
+
+
+def test_explorer_uploaded_image_edits_and_its_card_replays(setup, tmp_path):
+  """An uploaded PNG becomes sample -1 (its inverted features); its card names the
+  file's sha256 and the inversion, and replays on that image to the same pixels."""
+  from experiments import explore, real_images  # pylint: disable=import-outside-toplevel
+  gen, factors = setup
+  inversion = dict(steps=4, feature_steps=2, structure_weight=1.0,
+                   feature_structure_weight=0.0, tie_layers=False, seed=1)
+  ex = explore.Explorer(gen, "sg2", factors, LAYER, "/factors", num_grid=1, num_rank=2,
+                        inversion=inversion)
+  path = tmp_path / "mine.png"
+  image = np.asarray(gen.generate(gen.latents(np.ones((1, gen.z_dim), np.float32))))[0]
+  real_images.write_png(str(path), image[..., :3])
+  assert ex.upload(str(path)) == -1
+  before, after, _, roir = ex.edit(-1, 2, 1, 5.0, False)
+  assert np.abs(after.astype(int) - before).max() > 0
+  card = ex.card(-1, 2, 1, 5.0, False)
+  assert card["samples"] == {"image": {"sha256": real_images.file_sha256(str(path)),
+                                       "inversion": inversion}}
+  one = recipes.image_sample(gen, LAYER, real_images.load_image(str(path), gen), inversion)
+  replayed_before, replayed, replayed_roir = recipes.replay(card, gen, factors, samples=[one])
+  np.testing.assert_array_equal(explore.display(replayed), after)
+  np.testing.assert_array_equal(explore.display(replayed_before), before)
+  assert replayed_roir == roir
+  with pytest.raises(ValueError, match="made on a real image"):
+    recipes.replay(card, gen, factors)
+  with pytest.raises(ValueError, match="no uploaded image -2"):
+    ex.sample(-2)
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(real_images.BadImage, match="corrupt PNG"):
+    ex.upload(str(bad))
