@@ -220,3 +220,35 @@ def test_edit_of_a_real_image(gen, tmp_path):
     edit.run(common.make_config(edit.SPEC, image=str(bad), factors=factors_dir,
                                 out=str(tmp_path / "bad_out"), **settings))
   assert not (tmp_path / "bad_out").exists()
+
+
+def test_tie_layers_keeps_one_code_per_image(gen, planted):
+  image, _ = planted
+  tied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=3, tie_layers=True,
+                   progress=False)
+  untied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=3, progress=False)
+  (w_tied,), (w_untied,) = jax.tree.leaves(tied.latents), jax.tree.leaves(untied.latents)
+  assert w_tied.shape == w_untied.shape == (1, 8, 64)
+  assert np.all(np.asarray(w_tied) == np.asarray(w_tied)[:, :1])  # Exactly one code.
+  assert np.ptp(np.asarray(w_untied), axis=1).max() > 0           # W+: codes drift apart.
+
+
+def test_num_starts_picks_the_start_with_the_lowest_loss(gen, planted):
+  """With no steps, the result is the start: per image the mean latent or one of the
+  `num_starts - 1` random latents (`fold_in(split(key)[1], k)`), whichever
+  reconstructs best; recomputed here from those candidates."""
+  image, _ = planted
+  images = np.concatenate([image, image[:, ::-1]])
+  key = jax.random.PRNGKey(5)
+  inv = pj.invert(gen, images, key=key, steps=0, num_starts=3, progress=False)
+  mean_key, start_key = jax.random.split(key)
+  candidates = [jax.tree.map(lambda l: jnp.broadcast_to(l, (2,) + l.shape[1:]),
+                             inversion.mean_latents(gen, mean_key))]
+  candidates += [gen.latents(jax.random.normal(jax.random.fold_in(start_key, k), (2, gen.z_dim)))
+                 for k in range(2)]
+  losses = np.stack([np.asarray(inversion.reconstruction_loss(
+      gen.generate(c)[..., :3], images)) for c in candidates])     # [3 starts, 2 images]
+  got = np.asarray(inversion.reconstruction_loss(inv.reconstruction, images))
+  np.testing.assert_allclose(got, losses.min(0), rtol=1e-6)
+  # Both branches are taken (margins of 0.01-0.14 in the loss, far above rounding).
+  assert losses.argmin(0).tolist() == [0, 1]
