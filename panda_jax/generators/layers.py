@@ -272,8 +272,14 @@ def modulated_conv2d(x, weight, styles, *, demodulate: bool = True, up: int = 1,
     `[n, h*up, w*up, o]`.
   """
   padding = weight.shape[0] // 2
-  x = x * styles[:, None, None, :].astype(x.dtype)
-  x = conv2d_up(x, weight, f, padding, up) if up > 1 else conv2d(x, weight, padding)
+  if weight.shape[:2] == (1, 1) and up == 1:
+    # A 1x1 conv (ToRGB): the styles folded into a per-sample [i, o] weight, one
+    # batched matmul instead of scaling the input then convolving (167 -> 9 ms at
+    # 8 x 256 x 256 x 64 -> 3 on XLA:CPU).
+    x = einsum("nhwi,nio->nhwo", x, styles[:, :, None].astype(x.dtype) * weight[0, 0][None])
+  else:
+    x = x * styles[:, None, None, :].astype(x.dtype)
+    x = conv2d_up(x, weight, f, padding, up) if up > 1 else conv2d(x, weight, padding)
   if demodulate:
     wsq = jnp.sum(jnp.square(weight), axis=(0, 1))  # [i, o]
     dcoefs = jax.lax.rsqrt(matmul(jnp.square(styles), wsq) + 1e-8)  # [n, o]
