@@ -492,6 +492,16 @@ class _Batches:
       raise ValueError("the sampler is exhausted (no batch left)") from None
 
 
+def _batch_key(data_key, t: int):
+  """The key of step t's batch: `fold_in(data_key, t)`, and in a run of several
+  processes `fold_in(fold_in(data_key, t), process_index)`, so that each process
+  draws its own samples (the documented per-process stream)."""
+  key = jax.random.fold_in(data_key, t)
+  if jax.process_count() > 1:
+    key = jax.random.fold_in(key, jax.process_index())
+  return key
+
+
 def _shard(z, num_devices: int):
   """`[n, c, s]` -> `[d, ceil(n/d), c, s]`, zero-padded (zero samples add nothing to any sum)."""
   n = z.shape[0]
@@ -535,7 +545,9 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   Args:
     features_or_sampler: a fixed batch `[n, s, c]` / `[n, h, w, c]` (full-batch
       descent), a callable `key -> batch` (stochastic: step t draws
-      `fold_in(key, t)`, so a resumed run sees the same batches), or an iterator
+      `fold_in(key, t)`, so a resumed run sees the same batches; with several
+      processes, process p draws `fold_in(fold_in(key, t), p)`: its own
+      samples, and the step sums over every process's), or an iterator
       of batches. Stochastic runs initialise from the first batch unless
       `appearances` / `parts` are given (e.g. `hosvd_init` over many batches).
     rank_c, rank_s: `r_c <= c` appearances, `r_s <= s` parts.
@@ -579,7 +591,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   key = _as_raw_key(key)
   init_key, data_key = jax.random.split(key)
   batches = _Batches(features_or_sampler)
-  first = objective.unfold(batches.get(jax.random.fold_in(data_key, 0)))
+  first = objective.unfold(batches.get(_batch_key(data_key, 0)))
   _validate(first, rank_c, rank_s, config, parts_init, appearances, parts)
   devices = num_devices or jax.local_device_count()
   if devices > jax.local_device_count():
@@ -630,7 +642,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
           if t > step and stopping():
             break
           new = batch if t == 0 else prepare(
-              objective.unfold(batches.get(jax.random.fold_in(data_key, t))))
+              objective.unfold(batches.get(_batch_key(data_key, t))))
           if t and new.z.shape[-2:] != batch.z.shape[-2:]:
             raise ValueError(f"batch at step {t} has shape {tuple(new.z.shape)}, "
                              f"expected [..., {batch.z.shape[-2]}, {batch.z.shape[-1]}] (c, s)")

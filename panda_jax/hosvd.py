@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Iterable, Union
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,6 +62,9 @@ def scatter_finalize(scatter: jax.Array, rank_c: int) -> jax.Array:
 def hosvd_init(features_or_batches: Union[jax.Array, np.ndarray, Iterable], rank_c: int) -> jax.Array:
   """`A^(1)`: top-`r_c` left singular vectors of the channel scatter.
 
+  In a run of several processes each passes its own samples: the `[c, c]`
+  scatters are summed over the processes (the only data exchanged).
+
   Args:
     features_or_batches: one `[n, s, c]` / `[n, h, w, c]` array, or an iterable
       of such batches (streamed: each batch is added to the scatter and dropped).
@@ -78,4 +82,6 @@ def hosvd_init(features_or_batches: Union[jax.Array, np.ndarray, Iterable], rank
     scatter = scatter_update(scatter, batch)
   if scatter is None:
     raise ValueError("hosvd_init got no batches (empty iterable)")
+  if jax.process_count() > 1:
+    scatter = jnp.sum(multihost_utils.process_allgather(scatter), axis=0)
   return scatter_finalize(scatter, rank_c)

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 _SCRIPT = textwrap.dedent("""
     import json
     import jax
@@ -93,3 +95,89 @@ def test_four_devices_equal_one():
       assert runs["four"][field] <= bound, (name, field, runs)
       if "shard" in runs:  # A sharding bug misses the bound by orders of magnitude.
         assert runs["shard"][field] > 1e3 * bound, (name, field, runs)
+
+
+_PROCESS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    role = sys.argv[1]
+    jax.config.update("jax_num_cpu_devices", 2 if role == "multi" else 4)
+    jax.config.update("jax_enable_x64", True)
+    if role == "multi":
+      jax.distributed.initialize(f"localhost:{sys.argv[3]}", num_processes=2,
+                                 process_id=int(sys.argv[2]))
+    import jax.numpy as jnp, numpy as np
+    import panda_jax as pj
+
+    seen = []
+    def sampler(key, dtype):
+      # Samples `[4, 6, 6, 5]` from the key this process is given.
+      seen.append(np.asarray(key).tolist())  # fit passes raw uint32 keys.
+      base = jax.random.uniform(jax.random.PRNGKey(9), (1, 36, 5), jnp.float64)
+      return (base + 0.3 * jax.random.uniform(key, (4, 36, 5), jnp.float64)).astype(dtype)
+
+    def union(key, dtype):  # What the two processes draw at this key, together.
+      return jnp.concatenate([sampler(jax.random.fold_in(key, p), dtype) for p in range(2)])
+
+    def run(source, dtype):
+      f = pj.fit(lambda k: source(k, dtype), 3, 2, steps=3, key=jax.random.PRNGKey(2),
+                 progress=False)
+      return {k: np.asarray(v, np.float64).tolist()
+              for k, v in (("parts", f.parts), ("appearances", f.appearances),
+                           ("loss", f.loss_history))}
+
+    def projector(source, dtype):  # hosvd_init of this process's samples: A A^T.
+      a = pj.hosvd_init(source(jax.random.PRNGKey(7), dtype), 3)
+      return np.asarray(a @ a.T, np.float64).tolist()
+
+    if role == "multi":
+      mine = lambda key, dtype: sampler(jax.random.fold_in(key, jax.process_index()), dtype)
+      out = {"run": run(sampler, jnp.float64), "keys": seen,
+             "hosvd": projector(mine, jnp.float64)}
+    else:
+      out = {"run": run(union, jnp.float64), "run32": run(union, jnp.float32),
+             "hosvd": projector(union, jnp.float64), "hosvd32": projector(union, jnp.float32)}
+    print(json.dumps(out))
+""")
+
+
+def test_two_processes_draw_their_own_samples_and_equal_one_process():
+  """A user sampler in 2 processes x 2 devices: each process draws its own batches
+  (`fold_in(step key, process_index)`), and the run equals 1 process x 4 devices
+  fed both processes' samples (the same sharding; float64 runs, bound = the single
+  run's float32 effect, as above); `hosvd_init` of each process's own samples is
+  that of all of them."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, "multi", str(i), str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  try:
+    single = subprocess.run([sys.executable, "-c", _PROCESS_SCRIPT, "single"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    outputs = [p.communicate(timeout=600) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert single.returncode == 0, single.stderr[-3000:]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  multi = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+  one = json.loads(single.stdout.strip().splitlines()[-1])
+  # Disjoint draws: the two processes never see the same key.
+  keys = [set(map(tuple, m["keys"])) for m in multi]
+  assert keys[0] and not keys[0] & keys[1]
+  for field in ("parts", "appearances", "loss"):
+    one64, one32 = np.asarray(one["run"][field]), np.asarray(one["run32"][field])
+    bound = np.abs(one32 - one64).max()
+    for m in multi:
+      assert np.abs(np.asarray(m["run"][field]) - one64).max() <= bound, field
+  # hosvd_init sums the processes' scatters: the appearances of all the samples.
+  one64, one32 = np.asarray(one["hosvd"]), np.asarray(one["hosvd32"])
+  for m in multi:
+    assert np.abs(np.asarray(m["hosvd"]) - one64).max() <= np.abs(one32 - one64).max()
