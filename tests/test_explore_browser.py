@@ -116,6 +116,11 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
   factors = pj.load_factors(os.path.join(factors_dir, "factors"))
   k, region = _compact_part(gen, factors, LAYER)
 
+  # JAX runs before the browser starts (never inside Playwright's greenlet-driven context).
+  upload_path = out / "mine.png"
+  real_images.write_png(str(upload_path), np.asarray(gen.generate(gen.latents(
+      np.ones((1, gen.z_dim), np.float32))))[0, ..., :3])
+
   with sync_api.sync_playwright() as p:
     browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
         "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -141,9 +146,6 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
       page.wait_for_function("document.querySelector('#recipe_path textarea').value.length > 0")
       card_path = page.locator("#recipe_path textarea").input_value()
       # Upload a PNG: it is inverted and shown as sample -1; its card names the image.
-      upload_path = out / "mine.png"
-      real_images.write_png(str(upload_path), np.asarray(gen.generate(gen.latents(
-          np.ones((1, gen.z_dim), np.float32))))[0, ..., :3])
       sample_src = page.locator("#original img").get_attribute("src")
       page.locator("#upload input[type=file]").set_input_files(str(upload_path))
       page.wait_for_function("document.querySelector('#seed input').value === '-1'",

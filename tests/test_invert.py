@@ -172,7 +172,8 @@ def test_edit_of_a_real_image(gen, tmp_path):
   mask = np.zeros((32, 32), np.float32)
   mask[8:16, 8:24] = 1
   np.save(tmp_path / "mask.npy", mask)
-  settings = dict(inversion_steps=10, feature_steps=5, layer=5, seed=3)
+  # 50 + 20 steps: the stages compiled by the tests above (the same scan lengths).
+  settings = dict(inversion_steps=50, feature_steps=20, layer=5, seed=3)
   out = tmp_path / "out"
   metrics = edit.run(common.make_config(
       edit.SPEC, image=str(path), factors=factors_dir, out=str(out),
@@ -180,14 +181,14 @@ def test_edit_of_a_real_image(gen, tmp_path):
   assert {"inversion.png", "edit_0.png", "edit_1.png", "edit_2.png", "edit_all.png",
           "metrics.json"} <= set(os.listdir(out))
   assert metrics["image_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-  assert metrics["inversion"] == dict(steps=10, feature_steps=5, structure_weight=1.0,
+  assert metrics["inversion"] == dict(steps=50, feature_steps=20, structure_weight=1.0,
                                       feature_structure_weight=0.0, tie_layers=False, seed=3)
   part_edit, mask_edit, null_edit, _ = metrics["edits"]
   assert null_edit["mean_squared_change"] == 0.0
   assert part_edit["mean_squared_change"] > 0 and "roir_mean" not in part_edit
   # The same program here.
   image = real_images.load_image(str(path), gen)
-  inv = pj.invert(gen, image, key=jax.random.PRNGKey(3), steps=10, layer=5, feature_steps=5,
+  inv = pj.invert(gen, image, key=jax.random.PRNGKey(3), steps=50, layer=5, feature_steps=20,
                   progress=False)
   resume = lambda x: np.asarray(gen.resume(x, inv.carry, inv.latents, 5))[..., :3]
   before = resume(inv.features)
@@ -224,9 +225,10 @@ def test_edit_of_a_real_image(gen, tmp_path):
 
 def test_tie_layers_keeps_one_code_per_image(gen, planted):
   image, _ = planted
-  tied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=3, tie_layers=True,
+  tied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=50, tie_layers=True,
                    progress=False)
-  untied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=3, progress=False)
+  untied = pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=50, layer=5,
+                     progress=False)  # The latent stage compiled by the planted test.
   (w_tied,), (w_untied,) = jax.tree.leaves(tied.latents), jax.tree.leaves(untied.latents)
   assert w_tied.shape == w_untied.shape == (1, 8, 64)
   assert np.all(np.asarray(w_tied) == np.asarray(w_tied)[:, :1])  # Exactly one code.
