@@ -211,12 +211,13 @@ def edit_image(config) -> dict:
     name = f"edit_{t}" if t < len(edits) else "edit_all"
     results.append(_group_result(name, group, reconstruction, render(edited), factors,
                                  one.features.shape[1:3], out))
+  sha256 = real_images.file_sha256(config.image)
   cards = _save_recipes(config, gen, factors, layer, edits, results, out, dict(
-      image={"sha256": real_images.file_sha256(config.image), "inversion": settings}))
+      image={"sha256": sha256, "inversion": settings}))
   return common.write_metrics(out, dict(
       layer=layer, generator=config.generator, normalise=config.normalise, edits=results,
       recipes=cards,
-      image=os.path.abspath(config.image), image_sha256=real_images.file_sha256(config.image),
+      image=os.path.abspath(config.image), image_sha256=sha256,
       inversion=settings, inversion_seconds=seconds,
       psnr=float(inversion.psnr(reconstruction.rgb, image)[0])))
 

@@ -66,6 +66,12 @@ ROIS = ("eyes", "mouth", "hair", "background", "nose")
 METHODS = ("panda_global", "panda_refined", "ganspace", "sefa", "stylespace")
 
 _F = common.Flag
+# The ROIR protocol's options, shared with `experiments.evaluate_real`.
+ROIR_PROTOCOL = dict(
+    threshold=_F("float", 0.1, "Minimum mean RMS change inside the ROI (image range [-1, 1]) of "
+                 "an edit to be selectable; the same for every method."),
+    min_roi_pixels=_F("integer", 4, "Samples whose ROI has fewer pixels are left out of its ROIR."),
+    strengths=_F("list", ["2", "5"], "Edit strengths in standard deviations (both signs)."))
 SPEC = common.spec(
     "generator", "out", "seed", "num_samples", "batch_size", "truncation_psi", "rank_c", "steps",
     *common.DISTRIBUTED,
@@ -76,10 +82,7 @@ SPEC = common.spec(
     ranks_s=_F("list", ["8", "12"], "Part ranks R_S of the part-discovery study (first: edits)."),
     num_val=_F("integer", 64, "Validation samples (candidate selection)."),
     num_test=_F("integer", 1000, "Test samples (reported ROIR and IoU)."),
-    threshold=_F("float", 0.1, "Minimum mean RMS change inside the ROI (image range [-1, 1]) of "
-                 "an edit to be selectable; the same for every method."),
-    min_roi_pixels=_F("integer", 4, "Samples whose ROI has fewer pixels are left out of its ROIR."),
-    strengths=_F("list", ["2", "5"], "Edit strengths in standard deviations (both signs)."),
+    **ROIR_PROTOCOL,
     num_directions=_F("integer", 8, "GANSpace / SeFa directions per layer range."),
     ganspace_samples=_F("integer", 10000, "W codes for GANSpace's PCA."),
     score_samples=_F("integer", 32, "Train samples the StyleSpace channels are scored on."),

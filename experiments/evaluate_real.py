@@ -78,6 +78,7 @@ from matplotlib.figure import Figure
 import panda_jax as pj
 from experiments import common
 from experiments import decompose
+from experiments import evaluate
 from experiments import figures
 from panda_jax import landmarks
 from panda_jax import parts_eval
@@ -114,10 +115,7 @@ SPEC = common.spec(
     min_detection_confidence=_F("float", 0.3, "MediaPipe's face-detection threshold."),
     roir=_F("bool", False, "Also run the locality (ROIR) comparison."),
     num_val=_F("integer", 64, "Validation samples of the ROIR protocol."),
-    threshold=_F("float", 0.1, "Minimum mean RMS change inside the ROI (image range [-1, 1]) "
-                 "of a selectable edit; the same for every method."),
-    min_roi_pixels=_F("integer", 4, "Samples whose ROI has fewer pixels are left out."),
-    strengths=_F("list", ["2", "5"], "Edit strengths in standard deviations (both signs)."),
+    **evaluate.ROIR_PROTOCOL,
     num_directions=_F("integer", 8, "GANSpace / SeFa directions."),
     num_appearances=_F("integer", 16, "PandA appearances per ROI (most energy in its part)."),
 )
