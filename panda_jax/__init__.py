@@ -23,8 +23,9 @@ Appearances in GANs", TPAMI 2024.
 
 # Factorisation (paper Sections 3-4).
 from panda_jax.checkpoint import load_factors, save_factors
-from panda_jax.decomposition import (ORTHOGONALITY_BOUND, BlockStep, Factors, FitConfig, FitState,
-                                     appearances_step, fit, init, parts_step, run_steps, update)
+from panda_jax.decomposition import (ORTHOGONALITY_BOUND, BlockStep, DeviceSampler, Factors,
+                                     FitConfig, FitState, appearances_step, fit, init, parts_step,
+                                     run_steps, sampled_steps, shard_batch, update)
 from panda_jax.hosvd import hosvd_init, scatter_finalize, scatter_init, scatter_update
 from panda_jax.objective import Unfolded, gradients, loss, orthogonality_error, unfolded
 from panda_jax.pgd import LineSearch

@@ -105,6 +105,20 @@ class Factors(NamedTuple):
   orthogonality_error: float  # max |A^T A - I| (module docstring; ORTHOGONALITY_BOUND)
 
 
+class DeviceSampler(NamedTuple):
+  """Features drawn inside the compiled, sharded step: the dataset is never stored.
+
+  `sample(params, key)` -> one device's batch `[m, s, c]` / `[m, h, w, c]`, traced
+  into `fit`'s pmapped chunks: step t's batch on device d (its index over every
+  process's devices) is `sample(params, fold_in(fold_in(key, d), t))`, so each step
+  sums fresh samples of every device and only `[c, r_c]` / `[s, r_s]` factors cross
+  devices. `params` (e.g. a generator's weights, `generator_ops.feature_sampler`)
+  are arguments of the compiled program, not constants folded into it.
+  """
+  sample: Callable[[Any, jax.Array], Any]
+  params: Any = None
+
+
 def _is_autograd(config: FitConfig) -> bool:
   return config.method != "bcd"
 
@@ -350,6 +364,27 @@ def _run_steps(state, z, loss, *, steps, config, axis_name):
   return state, losses
 
 
+def _device_keys(data_key, num_devices: int):
+  """`[d, 2]` raw keys of this process's devices: `fold_in(data_key, global device index)`."""
+  first = jax.process_index() * num_devices
+  return jax.vmap(lambda d: jax.random.fold_in(data_key, d))(first + jnp.arange(num_devices))
+
+
+def sampled_steps(state: FitState, sampler: DeviceSampler, device_key, first, steps: int,
+                  config: FitConfig = FitConfig(), *, axis_name=None):
+  """`steps` iterations of Algorithm 1 from step `first`, step t's batch drawn by
+  `sampler` from `fold_in(device_key, t)` on this device, inside the step: the
+  `DeviceSampler` counterpart of `run_steps`, for a caller's `pmap` (`fit` runs it
+  with `device_key = fold_in(key, global device index)`). Returns `(state,
+  losses [steps])`, each loss that of its own batch after the step."""
+  def body(state, t):
+    z = objective.unfold(sampler.sample(sampler.params, jax.random.fold_in(device_key, t)))
+    state, metrics = _update(state, z, config=config, axis_name=axis_name)
+    return state, metrics["loss"]
+
+  return jax.lax.scan(body, state, first + jnp.arange(steps))
+
+
 # ----------------------------------------------------------------------------- public steps
 
 
@@ -471,7 +506,9 @@ class _Batches:
   """Uniform access to a fixed array, a sampler `key -> batch`, or an iterator."""
 
   def __init__(self, data):
-    if hasattr(data, "shape"):
+    if isinstance(data, DeviceSampler):
+      self.kind, self.data = "device", data
+    elif hasattr(data, "shape"):
       self.kind, self.data = "fixed", data
     elif callable(data):
       self.kind, self.data = "sampler", data
@@ -502,13 +539,35 @@ def _batch_key(data_key, t: int):
   return key
 
 
-def _shard(z, num_devices: int):
-  """`[n, c, s]` -> `[d, ceil(n/d), c, s]`, zero-padded (zero samples add nothing to any sum)."""
-  n = z.shape[0]
-  pad = (-n) % num_devices
+@functools.lru_cache(maxsize=None)
+def _unfold_in_place(num_devices: int):
+  """`[d, m, s, c]` (or `[d, m, h, w, c]`) shards -> `[d, m, c, s]`, each on its device."""
+  del num_devices  # A cache key only: pmap takes the device count from the input.
+  return jax.pmap(objective.unfold, AXIS)
+
+
+def shard_batch(features, num_devices: Optional[int] = None) -> objective.Unfolded:
+  """Features `[n, s, c]` / `[n, h, w, c]` -> `Unfolded` `[d, ceil(n/d), c, s]`
+  resident on the first `d` local devices (default: all), one shard each: the
+  batch of a `pmap` over `AXIS` (what `fit` runs on several devices).
+
+  The batch is placed once: a host (NumPy) batch goes to the devices slice by
+  slice, never whole to one device; the unfolding transpose runs on each shard
+  where it lies; compiled steps then find the sharding `pmap` expects and read
+  the shards in place (no copy per call: `tests/test_parallel.py` logs
+  device-to-device transfers during `fit`). Zero samples pad `n` to a multiple
+  of `d` (they add nothing to any sum).
+  """
+  num_devices = num_devices or jax.local_device_count()
+  xp = jnp if isinstance(features, jax.Array) else np
+  features = xp.asarray(features)
+  pad = (-features.shape[0]) % num_devices
   if pad:
-    z = jnp.concatenate([z, jnp.zeros((pad,) + z.shape[1:], z.dtype)])
-  return jnp.reshape(z, (num_devices, -1) + z.shape[1:])
+    features = xp.concatenate([features, xp.zeros((pad,) + features.shape[1:], features.dtype)])
+  shards = xp.reshape(features, (num_devices, -1) + features.shape[1:])
+  mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:num_devices]), (AXIS,))
+  placed = jax.device_put(shards, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  return objective.Unfolded(_unfold_in_place(num_devices)(placed))
 
 
 @functools.lru_cache(maxsize=None)
@@ -527,6 +586,19 @@ def _pmapped(kind: str, static: tuple):
     fn = lambda state, batch, loss: run_steps(state, batch, length, config, loss=loss,
                                               axis_name=AXIS)
     return jax.pmap(fn, AXIS, in_axes=(None, 0, None), out_axes=None)
+  if kind == "sampled_init":  # A DeviceSampler's first batch, drawn on each device.
+    rank_c, rank_s, name, config, sample = static
+    fn = lambda device_key, params, key, a, p: init(
+        objective.Unfolded(objective.unfold(sample(params, jax.random.fold_in(device_key, 0)))),
+        rank_c, rank_s, key=key, config=config, parts_init=name, appearances=a, parts=p,
+        axis_name=AXIS)
+    return jax.pmap(fn, AXIS, in_axes=(0, None, None, None, None), out_axes=None)
+  if kind == "sampled_chunk":
+    length, config, sample = static
+    fn = lambda state, device_key, params, first: sampled_steps(
+        state, DeviceSampler(sample, params), device_key, first, length, config,
+        axis_name=AXIS)
+    return jax.pmap(fn, AXIS, in_axes=(None, 0, None, None), out_axes=None)
   (config,) = static
   fn = lambda state, batch: update(state, batch, config, axis_name=AXIS)
   return jax.pmap(fn, AXIS, in_axes=(None, 0), out_axes=None)
@@ -544,12 +616,16 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
 
   Args:
     features_or_sampler: a fixed batch `[n, s, c]` / `[n, h, w, c]` (full-batch
-      descent), a callable `key -> batch` (stochastic: step t draws
-      `fold_in(key, t)`, so a resumed run sees the same batches; with several
-      processes, process p draws `fold_in(fold_in(key, t), p)`: its own
-      samples, and the step sums over every process's), or an iterator
-      of batches. Stochastic runs initialise from the first batch unless
-      `appearances` / `parts` are given (e.g. `hosvd_init` over many batches).
+      descent; several devices: placed once, a shard per device, `shard_batch`),
+      a callable `key -> batch` (stochastic: step t draws `fold_in(key, t)`, so
+      a resumed run sees the same batches; with several processes, process p
+      draws `fold_in(fold_in(key, t), p)`: its own samples, and the step sums
+      over every process's), an iterator of batches, or a `DeviceSampler`
+      (each device draws its own batch inside the compiled step: features
+      that would not fit in memory at all; non-finite features then surface
+      as a non-finite loss). Stochastic runs initialise from the first batch
+      unless `appearances` / `parts` are given (e.g. `hosvd_init` over many
+      batches).
     rank_c, rank_s: `r_c <= c` appearances, `r_s <= s` parts.
     steps: total number of steps T (a resumed run continues up to T).
     key: PRNG key.
@@ -567,9 +643,10 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     num_devices: local devices to shard the batch over (default: all).
     progress: show a progress bar.
     search: backtracking constants of the adaptive step.
-    stop: polled between steps (between compiled chunks for a fixed batch); when
-      it returns True, `fit` checkpoints (with `checkpoint_dir`) and returns the
-      factors reached, `Factors.steps < steps`: how a launcher honours SIGTERM.
+    stop: polled between steps (between compiled chunks for a fixed batch or a
+      `DeviceSampler`); when it returns True, `fit` checkpoints (with
+      `checkpoint_dir`) and returns the factors reached, `Factors.steps <
+      steps`: how a launcher honours SIGTERM.
 
   Returns:
     `Factors(appearances [c, r_c], parts [s, r_s], loss_history [steps], ...,
@@ -591,31 +668,47 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   key = _as_raw_key(key)
   init_key, data_key = jax.random.split(key)
   batches = _Batches(features_or_sampler)
-  first = objective.unfold(batches.get(_batch_key(data_key, 0)))
-  _validate(first, rank_c, rank_s, config, parts_init, appearances, parts)
   devices = num_devices or jax.local_device_count()
   if devices > jax.local_device_count():
     raise ValueError(f"num_devices={devices} but only {jax.local_device_count()} local devices")
 
-  # pmap whenever the sums span more than one device: several local devices, or
-  # several processes (then pmap's psum runs over the devices of every process).
-  # Either way the same public functions run; on several devices with `axis_name`.
-  if devices > 1 or jax.process_count() > 1:
-    _checks.check_finite(first, "features")  # `init` sees tracers under pmap.
-    prepare = lambda z: objective.Unfolded(_shard(z, devices))
-    run_init = _pmapped("init", (rank_c, rank_s, parts_init, config))
-    run_chunk = lambda state, batch, length, loss: _pmapped("chunk", (length, config))(
-        state, batch, loss)
-    run_step = _pmapped("step", (config,))
+  if batches.kind == "device":  # Drawn inside the pmapped programs, never stored.
+    sampler = batches.data
+    # Shapes only (`eval_shape`): nothing is drawn to validate the sampler.
+    _validate(jax.eval_shape(lambda p, k: objective.unfold(sampler.sample(p, k)),
+                             sampler.params, data_key),
+              rank_c, rank_s, config, parts_init, appearances, parts)
+    device_keys = _device_keys(data_key, devices)
+    state = _pmapped("sampled_init", (rank_c, rank_s, parts_init, config, sampler.sample))(
+        device_keys, sampler.params, init_key, appearances, parts)
+    run_sampled = lambda state, first, length: _pmapped(
+        "sampled_chunk", (length, config, sampler.sample))(
+            state, device_keys, sampler.params, first)
   else:
-    prepare = objective.Unfolded
-    run_init = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
-                                             parts_init=parts_init, appearances=a, parts=p)
-    run_chunk = lambda state, batch, length, loss: run_steps(state, batch, length, config,
-                                                             loss=loss)
-    run_step = lambda state, batch: update(state, batch, config)
-  batch = prepare(first)
-  state = run_init(batch, init_key, appearances, parts)
+    first = batches.get(_batch_key(data_key, 0))
+    # Shapes only (`eval_shape`): the batch is not transposed, nor moved, to validate it.
+    _validate(jax.eval_shape(objective.unfold, first), rank_c, rank_s, config, parts_init,
+              appearances, parts)
+    # pmap whenever the sums span more than one device: several local devices, or
+    # several processes (then pmap's psum runs over the devices of every process).
+    # Either way the same public functions run; on several devices with `axis_name`.
+    if devices > 1 or jax.process_count() > 1:
+      prepare = lambda features: shard_batch(features, devices)
+      run_init = _pmapped("init", (rank_c, rank_s, parts_init, config))
+      run_chunk = lambda state, batch, length, loss: _pmapped("chunk", (length, config))(
+          state, batch, loss)
+      run_step = _pmapped("step", (config,))
+    else:
+      prepare = objective.unfolded
+      run_init = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
+                                               parts_init=parts_init, appearances=a, parts=p)
+      run_chunk = lambda state, batch, length, loss: run_steps(state, batch, length, config,
+                                                               loss=loss)
+      run_step = lambda state, batch: update(state, batch, config)
+    batch = prepare(first)
+    if batch.z.ndim == 4:  # Placed shards (`init` sees tracers under pmap): checked where they lie.
+      _checks.check_finite(batch.z, "features")
+    state = run_init(batch, init_key, appearances, parts)
 
   history = np.full((steps,), np.nan, np.float64)
   manager = checkpoint.FitCheckpoints(checkpoint_dir) if checkpoint_dir else None
@@ -635,14 +728,15 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       length = min(chunk - step % chunk, steps - step)
       if batches.kind == "fixed":  # The loss record continues across chunks (and resumptions).
         state_new, losses = run_chunk(state, batch, length, history[step - 1] if step else None)
+      elif batches.kind == "device":
+        state_new, losses = run_sampled(state, step, length)
       else:
         losses = []
         state_new = state
         for t in range(step, step + length):
           if t > step and stopping():
             break
-          new = batch if t == 0 else prepare(
-              objective.unfold(batches.get(_batch_key(data_key, t))))
+          new = batch if t == 0 else prepare(batches.get(_batch_key(data_key, t)))
           if t and new.z.shape[-2:] != batch.z.shape[-2:]:
             raise ValueError(f"batch at step {t} has shape {tuple(new.z.shape)}, "
                              f"expected [..., {batch.z.shape[-2]}, {batch.z.shape[-1]}] (c, s)")

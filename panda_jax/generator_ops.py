@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from panda_jax import editing
+from panda_jax import decomposition, editing
 from panda_jax import interpret
 
 
@@ -120,6 +120,28 @@ def sampled_features(gen, key, layer: int, *, num_samples: int,
     latents = sample_latents(gen, key, indices, truncation_psi=truncation_psi,
                              truncation_cutoff=truncation_cutoff)
     yield gen.split(latents, layer)[0]
+
+
+def feature_sampler(gen, layer: int, samples_per_device: int, *,
+                    truncation_psi: float = 1.0, truncation_cutoff=None):
+  """A `DeviceSampler` of `gen`'s features at `layer` for `pj.fit`: latents in, features out.
+
+  Each device draws `samples_per_device` latents from its step key
+  (`sample_latents` of indices 0..m-1) and runs `gen.split` to `layer` inside
+  the compiled step, on the generator's parameters passed as arguments.
+  """
+  layer = gen.check_layer(layer)
+  if not samples_per_device >= 1:
+    raise ValueError(f"samples_per_device must be positive, got {samples_per_device}")
+  indices = np.arange(samples_per_device)
+
+  def sample(params, key):
+    g = gen.with_params(params)
+    latents = sample_latents(g, key, indices, truncation_psi=truncation_psi,
+                             truncation_cutoff=truncation_cutoff)
+    return g.split(latents, layer)[0]
+
+  return decomposition.DeviceSampler(sample, gen.params)
 
 
 def concept_means_sampled(gen, key, layer: int, appearances, **sampling):

@@ -40,6 +40,8 @@ def _fit(features, rank_c=3, rank_s=2, steps=2, **kw):
     (lambda: _fit(_Z, rank_c=7), r"rank_c must be an integer in \[1, c=6\], got 7"),
     (lambda: _fit(_Z, rank_s=17), r"rank_s must be an integer in \[1, s=16\], got 17"),
     (lambda: _fit(_Z, checkpoint_every=0), r"checkpoint_every must be positive, got 0"),
+    (lambda: _fit(pj.DeviceSampler(lambda p, k: p, _Z[0])), r"features must be \[n, s, c\]"),
+    (lambda: _fit(pj.DeviceSampler(lambda p, k: p, _Z), rank_s=17), r"rank_s must be .* got 17"),
     (lambda: pj.edit(_Z, _A, _P, 0, 1, float("nan")), r"alpha contains 1 non-finite"),
     (lambda: pj.edit(_Z, _A, _P, np.ones(15), 1, 1.0), r"mask must be \[s=16\], got shape"),
     (lambda: pj.edit(_Z, _A, _P, 5, 1, 1.0), r"part must be an integer in \[0, 2\), got 5"),
@@ -50,6 +52,12 @@ def _fit(features, rank_c=3, rank_s=2, steps=2, **kw):
 def test_bad_values_name_the_argument(call, message):
   with pytest.raises(ValueError, match=message):
     call()
+
+
+def test_non_finite_features_drawn_in_the_step_stop_the_fit():
+  """A `DeviceSampler`'s batches are never on the host: NaN surfaces as the loss's."""
+  with pytest.raises(FloatingPointError, match="non-finite at step 1"):
+    _fit(pj.DeviceSampler(lambda p, k: p, _with((1, 2, 3), np.nan)))
 
 
 def test_layer_out_of_range(fixture_generator):

@@ -32,6 +32,21 @@ class FakeGenerator:
     self.w_in = jax.random.normal(k1, (z_dim + c_dim, S * C)) / np.sqrt(z_dim)
     self.w_out = jax.random.normal(k2, (C, 3)) / np.sqrt(C)
 
+  @property
+  def params(self):
+    return {"w_in": self.w_in, "w_out": self.w_out}
+
+  def with_params(self, params):
+    other = object.__new__(FakeGenerator)
+    other.z_dim, other.c_dim = self.z_dim, self.c_dim
+    other.w_in, other.w_out = params["w_in"], params["w_out"]
+    return other
+
+  def check_layer(self, layer):
+    if layer != 1:
+      raise ValueError(f"layer must be 1, got {layer}")
+    return layer
+
   def latents(self, z, c=None, truncation_psi=1.0, truncation_cutoff=None):
     del truncation_cutoff
     z = truncation_psi * z
@@ -140,6 +155,21 @@ def test_sampling_is_per_index_and_streams_agree():
   np.testing.assert_array_equal(ranking.bottom_index, np.argsort(scores)[:3])
   with pytest.raises(ValueError, match="must be positive"):
     next(generator_ops.sampled_features(gen, key, 1, num_samples=0, batch_size=2))
+
+
+def test_feature_sampler_draws_the_stream_from_its_params():
+  """`feature_sampler`: samples 0..m-1 of the key's stream, through the generator
+  rebuilt on the params it is given (arguments of `fit`'s compiled step)."""
+  gen, other = FakeGenerator(jax.random.PRNGKey(5)), FakeGenerator(jax.random.PRNGKey(6))
+  sampler = generator_ops.feature_sampler(gen, 1, 4)
+  key = jax.random.PRNGKey(3)
+  for g in (gen, other):
+    expected, _ = g.split(generator_ops.sample_latents(g, key, np.arange(4)), 1)
+    np.testing.assert_array_equal(sampler.sample(g.params, key), expected)  # Same ops, eagerly.
+  with pytest.raises(ValueError, match="samples_per_device"):
+    generator_ops.feature_sampler(gen, 1, 0)
+  with pytest.raises(ValueError, match="layer"):
+    generator_ops.feature_sampler(gen, 2, 4)
 
 
 def test_conditional_sampling_draws_one_hot_classes():

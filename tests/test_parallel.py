@@ -1,5 +1,5 @@
 """pmap data parallelism: a run sharded over 4 simulated CPU devices equals the
-single-device run. Runs in a subprocess, since the device count is fixed when
+single-device run, and its batch stays on its devices (one shard each) across chunks. Runs in a subprocess, since the device count is fixed when
 JAX starts.
 
 The tolerance is derived, not observed. Sharding changes only the order of the
@@ -16,6 +16,7 @@ own shard, which must miss the bound by a wide margin.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -50,10 +51,17 @@ _SCRIPT = textwrap.dedent("""
       return out
 
     out = {}
+    # Resident shards: a placed batch is one [1, 5, c, s] shard per device, and the
+    # compiled chunks read it in place: the parent asserts that no implicit
+    # device-to-device transfer of a [4, 5, 16, 64] batch was logged (the guard's
+    # "log" mode; the old path moved it from device 0 at every chunk).
+    placed = pj.shard_batch(np.asarray(features), 4)
+    out["shards"] = sorted((s.device.id,) + tuple(s.data.shape) for s in placed.z.addressable_shards)
     for name, kw in [("bcd", {}), ("fixed", dict(step_size=5e-5, parts_init="uniform")),
                      ("adam", dict(method="adam", learning_rate=1e-2))]:
-      one, four = [pj.fit(features, 6, 4, steps=steps, key=key, num_devices=d, progress=False,
-                          **kw) for d in (1, 4)]
+      one = pj.fit(features, 6, 4, steps=steps, key=key, num_devices=1, progress=False, **kw)
+      with jax.transfer_guard_device_to_device("log"):
+        four = pj.fit(features, 6, 4, steps=steps, key=key, num_devices=4, progress=False, **kw)
       # The float32 run from the float64 run's initial state (init draws its random
       # numbers in the features' dtype, so `fit` in float32 would start elsewhere).
       config = pj.FitConfig(method=kw.get("method", "bcd"), step_size=kw.get("step_size"),
@@ -69,8 +77,11 @@ _SCRIPT = textwrap.dedent("""
       out[name] = errors(one, four, ref32, shard)
 
     sampler = lambda key: features[jax.random.choice(key, 18, (10,), replace=False)]
-    one, four = [pj.fit(sampler, 6, 4, steps=10, key=jax.random.PRNGKey(2), num_devices=d,
-                        progress=False) for d in (1, 4)]
+    one = pj.fit(sampler, 6, 4, steps=10, key=jax.random.PRNGKey(2), num_devices=1,
+                 progress=False)
+    with jax.transfer_guard_device_to_device("log"):
+      four = pj.fit(sampler, 6, 4, steps=10, key=jax.random.PRNGKey(2), num_devices=4,
+                    progress=False)
     init_key, data_key = jax.random.split(jax.random.PRNGKey(2))
     state = f32(pj.init(sampler(jax.random.fold_in(data_key, 0)), 6, 4, key=init_key))
     losses32 = []
@@ -79,6 +90,23 @@ _SCRIPT = textwrap.dedent("""
       losses32.append(metrics["loss"])
     ref32 = pj.Factors(state.appearances, state.parts, np.asarray(losses32), 0.0, 0.0, 10, 0.0)
     out["stochastic"] = errors(one, four, ref32, None)
+
+    # Features drawn inside the step (`DeviceSampler`, 3 samples per device): the run
+    # equals one device fed the same 12 samples per step from the host.
+    base = features[:1]
+    draw = lambda params, key: params + 0.3 * jax.random.uniform(key, (3, 8, 8, 16), params.dtype)
+    data_key = jax.random.split(jax.random.PRNGKey(3))[1]
+    host = lambda dtype: iter([jnp.concatenate(
+        [draw(base.astype(dtype), jax.random.fold_in(jax.random.fold_in(data_key, d), t))
+         for d in range(4)]) for t in range(8)])
+    parts0 = jax.random.uniform(jax.random.PRNGKey(5), (64, 4), jnp.float64, maxval=0.01)
+    with jax.transfer_guard_device_to_device("log"):
+      four = pj.fit(pj.DeviceSampler(draw, base), 6, 4, steps=8, key=jax.random.PRNGKey(3),
+                    parts=parts0, chunk_size=3, progress=False)
+    one, one32 = [pj.fit(host(dtype), 6, 4, steps=8, key=jax.random.PRNGKey(3), num_devices=1,
+                         parts=parts0.astype(dtype), progress=False)
+                  for dtype in (jnp.float64, jnp.float32)]
+    out["device_sampler"] = errors(one, four, one32, None)
     print(json.dumps(out))
 """)
 
@@ -90,6 +118,10 @@ def test_four_devices_equal_one():
                         env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result.pop("shards") == [[d, 1, 5, 16, 64] for d in range(4)]
+  moved = re.findall(r"device-to-device transfer: aval=ShapedArray\(float\d+\[4,5,16,64\]\)",
+                     proc.stderr)
+  assert not moved, f"the batch left its shards {len(moved)} times"
   for name, runs in result.items():
     for field, bound in runs["float32"].items():
       assert runs["four"][field] <= bound, (name, field, runs)
@@ -119,12 +151,23 @@ _PROCESS_SCRIPT = textwrap.dedent("""
     def union(key, dtype):  # What the two processes draw at this key, together.
       return jnp.concatenate([sampler(jax.random.fold_in(key, p), dtype) for p in range(2)])
 
-    def run(source, dtype):
-      f = pj.fit(lambda k: source(k, dtype), 3, 2, steps=3, key=jax.random.PRNGKey(2),
-                 progress=False)
+    def record(f):
       return {k: np.asarray(v, np.float64).tolist()
               for k, v in (("parts", f.parts), ("appearances", f.appearances),
                            ("loss", f.loss_history))}
+
+    def run(source, dtype):
+      return record(pj.fit(lambda k: source(k, dtype), 3, 2, steps=3,
+                           key=jax.random.PRNGKey(2), progress=False))
+
+    def run_in_step(dtype):  # DeviceSampler: 2 samples per device, drawn in the step.
+      draw = lambda params, key: (params + 0.3 * jax.random.uniform(
+          key, (2, 36, 5), jnp.float64)).astype(params.dtype)
+      base = jax.random.uniform(jax.random.PRNGKey(9), (1, 36, 5), jnp.float64).astype(dtype)
+      parts0 = jax.random.uniform(jax.random.PRNGKey(5), (36, 2), jnp.float64, maxval=0.01)
+      return record(pj.fit(pj.DeviceSampler(draw, base), 3, 2, steps=3, chunk_size=2,
+                           key=jax.random.PRNGKey(2), parts=parts0.astype(dtype),
+                           progress=False))
 
     def projector(source, dtype):  # hosvd_init of this process's samples: A A^T.
       a = pj.hosvd_init(source(jax.random.PRNGKey(7), dtype), 3)
@@ -133,10 +176,11 @@ _PROCESS_SCRIPT = textwrap.dedent("""
     if role == "multi":
       mine = lambda key, dtype: sampler(jax.random.fold_in(key, jax.process_index()), dtype)
       out = {"run": run(sampler, jnp.float64), "keys": seen,
-             "hosvd": projector(mine, jnp.float64)}
+             "hosvd": projector(mine, jnp.float64), "in_step": run_in_step(jnp.float64)}
     else:
       out = {"run": run(union, jnp.float64), "run32": run(union, jnp.float32),
-             "hosvd": projector(union, jnp.float64), "hosvd32": projector(union, jnp.float32)}
+             "hosvd": projector(union, jnp.float64), "hosvd32": projector(union, jnp.float32),
+             "in_step": run_in_step(jnp.float64), "in_step32": run_in_step(jnp.float32)}
     print(json.dumps(out))
 """)
 
@@ -145,7 +189,8 @@ def test_two_processes_draw_their_own_samples_and_equal_one_process():
   """A user sampler in 2 processes x 2 devices: each process draws its own batches
   (`fold_in(step key, process_index)`), and the run equals 1 process x 4 devices
   fed both processes' samples (the same sharding; float64 runs, bound = the single
-  run's float32 effect, as above); `hosvd_init` of each process's own samples is
+  run's float32 effect, as above); so does a `DeviceSampler` run (each device's
+  key from its global index); `hosvd_init` of each process's own samples is
   that of all of them."""
   import socket  # pylint: disable=import-outside-toplevel
   with socket.socket() as s:
@@ -172,11 +217,12 @@ def test_two_processes_draw_their_own_samples_and_equal_one_process():
   # Disjoint draws: the two processes never see the same key.
   keys = [set(map(tuple, m["keys"])) for m in multi]
   assert keys[0] and not keys[0] & keys[1]
-  for field in ("parts", "appearances", "loss"):
-    one64, one32 = np.asarray(one["run"][field]), np.asarray(one["run32"][field])
-    bound = np.abs(one32 - one64).max()
-    for m in multi:
-      assert np.abs(np.asarray(m["run"][field]) - one64).max() <= bound, field
+  for run in ("run", "in_step"):  # A host sampler, and features drawn in the step.
+    for field in ("parts", "appearances", "loss"):
+      one64, one32 = np.asarray(one[run][field]), np.asarray(one[run + "32"][field])
+      bound = np.abs(one32 - one64).max()
+      for m in multi:
+        assert np.abs(np.asarray(m[run][field]) - one64).max() <= bound, (run, field)
   # hosvd_init sums the processes' scatters: the appearances of all the samples.
   one64, one32 = np.asarray(one["hosvd"]), np.asarray(one["hosvd32"])
   for m in multi:

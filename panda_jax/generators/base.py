@@ -12,6 +12,7 @@ stops after `layer` layers and `resume` runs the rest, so that for every valid
 from __future__ import annotations
 
 import abc
+import copy
 import json
 import os
 import shutil
@@ -49,6 +50,12 @@ class Generator(abc.ABC):
   def from_converted(cls, config: dict, params: Any) -> "Generator":
     """Builds the generator from a converted checkpoint's config and params."""
     return cls(config, params)
+
+  def with_params(self, params: Any) -> "Generator":
+    """The same generator on `params` (e.g. traced arguments inside `jit`): a shallow copy."""
+    other = copy.copy(self)
+    other.params = params
+    return other
 
   @property
   def z_dim(self) -> int:
