@@ -6,7 +6,9 @@
 Writes `OUT/factors/` (`pj.save_factors`), `OUT/parts.png` (the argmax part over
 the first `--num_show` samples, and a heat map of every part) and
 `OUT/metrics.json` (final_loss, steps, seconds, layer, feature_shape,
-orthogonality_error = max |A^T A - I|, ...). The
+orthogonality_error = max |A^T A - I|, ...). With `--features_in_step=M` each
+step draws M fresh samples per device inside the compiled step (nothing
+stored; final_loss is then that of the last step's batch). The
 running fit is checkpointed in `OUT/checkpoints`: rerunning the same command, or
 with more `--steps`, continues from there. When the generator's images carry
 ground-truth labels (toy faces), metrics.json also holds every label's best
@@ -30,7 +32,11 @@ from panda_jax import parts_eval
 
 SPEC = common.spec(*common.SAMPLING, *common.DECOMPOSITION, "num_show", num_eval=common.Flag(
     "integer", 64, "Samples the parts are scored on against ground-truth labels (when the "
-    "generator has them)."))
+    "generator has them)."), features_in_step=common.Flag(
+        "integer", 0, "Samples per device that each step of the fit draws from the generator "
+        "inside the compiled step (pj.DeviceSampler: a fresh batch every step, no dataset "
+        "stored; for features that do not fit in memory). 0: one fixed batch of "
+        "--num_samples (the paper's full-batch fit)."))
 
 
 def label_iou(factors, grid, samples: common.Samples) -> dict:
@@ -55,8 +61,12 @@ def decompose(config):
   _checks.check_ranks(h * w, c, config.rank_c, config.rank_s)
   out = common.output_dir(config.out)  # Only once the flags are known to be good.
   start = time.time()
-  features = common.extract_features(gen, config, layer,
-                                     common.local_indices(config.num_samples))
+  if config.features_in_step:
+    features = pj.generator_ops.feature_sampler(gen, layer, config.features_in_step,
+                                                truncation_psi=config.truncation_psi)
+  else:
+    features = common.extract_features(gen, config, layer,
+                                       common.local_indices(config.num_samples))
   factors = pj.fit(features, config.rank_c, config.rank_s, steps=config.steps,
                    key=common.keys(config.seed)[1], parts_init=config.parts_init,
                    checkpoint_dir=os.path.join(out, "checkpoints"),
@@ -70,7 +80,7 @@ def decompose(config):
                  steps=factors.steps, seconds=seconds, layer=layer, feature_shape=[h, w, c],
                  generator=config.generator, arch=gen.arch, num_samples=config.num_samples,
                  rank_c=config.rank_c, rank_s=config.rank_s, seed=config.seed,
-                 parts_init=config.parts_init,
+                 parts_init=config.parts_init, features_in_step=config.features_in_step,
                  truncation_psi=config.truncation_psi,
                  step_size_parts=factors.step_size_parts,
                  step_size_appearances=factors.step_size_appearances,

@@ -109,6 +109,24 @@ def test_decompose_resumes_to_the_uninterrupted_run(decomposed, generator_dir, t
   np.testing.assert_allclose(resumed.appearances, straight.appearances, rtol=1e-5, atol=1e-7)
 
 
+def test_decompose_draws_features_inside_the_step(generator_dir, tmp_path):
+  """`--features_in_step=M`: the launcher's fit is `pj.fit` on the generator's
+  `feature_sampler` (same key: the same factors and losses)."""
+  config = common.make_config(decompose.SPEC, generator=generator_dir, out=str(tmp_path),
+                              num_show=1, features_in_step=4, **dict(SMALL, steps=4))
+  metrics = decompose.run(config)
+  assert metrics["features_in_step"] == 4 and metrics["steps"] == 4
+  gen = common.load_generator(generator_dir)
+  # The launcher's chunks end at its checkpoints (every 3 steps): the same chunks here,
+  # so both sides run the same compiled programs on the same draws: equal floats.
+  direct = pj.fit(pj.generator_ops.feature_sampler(gen, 3, 4), 4, 3, steps=4, chunk_size=3,
+                  key=common.keys(config.seed)[1], progress=False)
+  saved = pj.load_factors(os.path.join(tmp_path, "factors"))
+  np.testing.assert_array_equal(metrics["loss_history"], direct.loss_history)
+  np.testing.assert_array_equal(saved.parts, direct.parts)
+  np.testing.assert_array_equal(saved.appearances, direct.appearances)
+
+
 def test_samples_do_not_depend_on_batch_size(generator_dir):
   gen = common.load_generator(generator_dir)
   one = common.make_config(decompose.SPEC, generator=generator_dir, batch_size=1, seed=3)
