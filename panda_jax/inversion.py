@@ -18,15 +18,20 @@ on its first `images.shape[-1]` channels):
     weighs edges and coarse layout at every scale; it needs no downloaded
     network (LPIPS / VGG perceptual losses do).
 
-The optimisation is `optax` (default `adam`) in chunks of `lax.scan` under
-`jit`; the generator's parameters are arguments, not constants, so one
-compiled program serves every image batch of the same shape. Images in a batch
-are independent: the loss is the sum of per-image losses and Adam is
-elementwise, so batching changes no image's result.
+The optimisation is `optax` (default `adam`). Both stages and the final
+evaluation are ONE compiled program (`_chunk`: `chunk_size` steps of
+`lax.scan`, each step told by a traced mode whether it updates the latents,
+the features or nothing), called once per chunk, plus a small one for the start
+(`_begin`: the mean latent, the optimisers' states): compiling is most of a
+first inversion on a CPU (issue 21 item 4), and XLA compiles each program's
+kernels anew, so the stages share the generator's. The generator's parameters
+are arguments, not constants, so the programs serve every image batch of the
+same shape, whatever the step counts. Images in a batch are independent: the
+loss is the sum of per-image losses and Adam is elementwise, so batching
+changes no image's result.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from typing import Any, NamedTuple, Optional
@@ -40,6 +45,12 @@ import optax
 # (`jit` keys on the optimiser's functions).
 LATENT_OPTIMIZER = optax.adam(0.05)
 FEATURE_OPTIMIZER = optax.adam(0.01)
+# XLA options of the inversion's two programs on the CPU backend (read at each
+# call). LLVM at -O1 instead of the default -O3: on the 2-core CPU of
+# docs/benchmarks/invert_cpu.json the 32x32 toy-faces inversion compiles no
+# slower and its steps run about twice as fast (WORKSPACE.md, "Inversion and
+# editing of real images"). `{}` restores XLA's defaults.
+CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
 class Inversion(NamedTuple):
@@ -51,12 +62,15 @@ class Inversion(NamedTuple):
   carry: what `gen.resume` needs besides the features at `layer` (None without).
   reconstruction: `[n, H, W, ch]` the generator's image, on the input's channels.
   loss_history: `[steps + feature_steps]` the summed loss before each step.
+  latent_reconstruction: `[n, H, W, ch]` the image of `latents` alone (before the
+    feature stage; equal to `reconstruction` without one).
   """
   latents: Any
   features: Optional[jax.Array]
   carry: Any
   reconstruction: jax.Array
   loss_history: jax.Array
+  latent_reconstruction: Optional[jax.Array] = None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -116,6 +130,96 @@ def pyramid_loss(reconstruction, target, levels: int = 3):
   return sum((0.5 ** k) * jnp.mean(jnp.abs(b), axis=(1, 2, 3)) for k, b in enumerate(bands))
 
 
+# The pyramid loss as two matrix products, for the compiled inversion: the same
+# numbers to float32 rounding, but a handful of kernels for XLA to compile where
+# the blurs, strided slices and resizes above make about 70 (forward and
+# backward), a fifth of the inversion's compile time on the 32x32 toy faces.
+_MATRIX_PYRAMID_MAX_SIZE = 128
+
+
+def _blur_matrix(m: int, mode: str) -> np.ndarray:
+  """`[m, m]` the 5-tap `_BLUR` along one axis with `jnp.pad`'s `mode` padding."""
+  out = np.zeros((m, m))
+  for i in range(m):
+    for t, k in enumerate(_BLUR):
+      q = i + t - 2
+      if mode == "reflect":
+        q = -q if q < 0 else (2 * (m - 1) - q if q >= m else q)
+      out[i, min(max(q, 0), m - 1)] += k
+  return out
+
+
+def _resize_matrix(m_in: int, m_out: int) -> np.ndarray:
+  """`[m_out, m_in]` `jax.image.resize(method="bilinear")` along one axis (its weights)."""
+  inv_scale = m_in / m_out
+  sample = (np.arange(m_out) + 0.5) * inv_scale - 0.5
+  weights = np.maximum(0.0, 1.0 - np.abs(sample[None] - np.arange(m_in)[:, None])
+                       / max(inv_scale, 1.0))
+  total = weights.sum(0, keepdims=True)
+  weights = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps,
+                     weights / np.where(total != 0, total, 1), 0)
+  inside = (sample >= -0.5) & (sample <= m_in - 0.5)
+  return np.where(inside[None], weights, 0).T
+
+
+@functools.lru_cache(maxsize=None)
+def _pyramid_matrices(h: int, w: int, levels: int):
+  """`(rows [2, r_h, h], cols [2, r_w, w], sizes)` with every band of `laplacian_pyramid`:
+  band k of `d [h, w]` is `A_k d A'_k^T - B_k d B'_k^T`, rows = `[stack A_k, stack B_k]`,
+  cols = `[stack A'_k, -stack B'_k]`; `sizes` the `(h_k, w_k)` of the levels."""
+  sizes, ops = [(h, w)], []
+  for _ in range(levels):
+    hk, wk = sizes[-1]
+    mode = "reflect" if min(hk, wk) > 2 else "edge"
+    down = [_blur_matrix(m, mode)[::2] for m in (hk, wk)]
+    sizes.append(tuple(d.shape[0] for d in down))
+    ops.append((down, [_resize_matrix(d.shape[0], m) for d, m in zip(down, (hk, wk))]))
+  per_axis = []
+  for axis, size in enumerate((h, w)):
+    reach, a_rows, b_rows = np.eye(size), [], []    # reach: [m_k, size], level k of the input.
+    for k in range(levels + 1):
+      a_rows.append(reach)
+      if k < levels:
+        down, up = ops[k]
+        reach = down[axis] @ reach
+        b_rows.append(up[axis] @ reach)
+      else:
+        b_rows.append(np.zeros_like(reach))
+    per_axis.append(np.stack([np.concatenate(a_rows), np.concatenate(b_rows)]))
+  rows, cols = per_axis
+  cols = cols * np.array([1.0, -1.0])[:, None, None]
+  return rows.astype(np.float32), cols.astype(np.float32), tuple(sizes)
+
+
+def _matrix_pyramid_loss(diff, levels: int):
+  """`pyramid_loss` of the difference `diff [n, H, W, ch]` by `_pyramid_matrices`: `[n]`.
+
+  All `(level, level')` blocks `[n, r_h, r_w, ch]` in two contractions; the loss
+  weighs the diagonal ones (the bands).
+  """
+  n, h, w, ch = diff.shape
+  rows, cols, sizes = _pyramid_matrices(h, w, levels)
+  weight = np.zeros((rows.shape[1], cols.shape[1]), np.float32)
+  r = c = 0
+  for k, (hk, wk) in enumerate(sizes):
+    weight[r:r + hk, c:c + wk] = 0.5 ** k / (hk * wk * ch)
+    r, c = r + hk, c + wk
+  precision = jax.lax.Precision.HIGHEST
+  x = jnp.einsum("psh,nhwc->npswc", jnp.asarray(rows, diff.dtype), diff,
+                 precision=precision)                         # [n, 2, r_h, w, ch]
+  x = jnp.einsum("npswc,ptw->nstc", x, jnp.asarray(cols, diff.dtype),
+                 precision=precision)                         # [n, r_h, r_w, ch]
+  return jnp.einsum("nstc,st->n", jnp.abs(x), jnp.asarray(weight, diff.dtype),
+                    precision=precision)
+
+
+def _structure_loss(reconstruction, target, levels: int):
+  """`pyramid_loss`, by `_matrix_pyramid_loss` for images up to 128 pixels a side."""
+  if max(reconstruction.shape[1:3]) <= _MATRIX_PYRAMID_MAX_SIZE:
+    return _matrix_pyramid_loss(reconstruction - target, levels)
+  return pyramid_loss(reconstruction, target, levels)
+
+
 def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0,
                         levels: int = 3):
   """`pixel_loss + structure_weight * pyramid_loss` per image: `[n]`."""
@@ -125,6 +229,7 @@ def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0
   return loss
 
 
+@jax.jit
 def psnr(reconstruction, target, data_range: float = 2.0):
   """Peak signal-to-noise ratio per image in dB (`data_range` 2 for images in [-1, 1]): `[n]`."""
   mse = pixel_loss(jnp.asarray(reconstruction, jnp.float32), jnp.asarray(target, jnp.float32))
@@ -140,8 +245,8 @@ def image_shape(gen) -> tuple:
   `ch` is `gen.config["source"]["rgb_channels"]` when the generator emits
   extra label channels (the embedded toy faces: 3 of 9), else all of them.
   """
-  lat = mean_latents(gen, jax.random.PRNGKey(0), num_draws=2)
-  out = jax.eval_shape(gen.generate, lat)
+  out = jax.eval_shape(lambda k: gen.generate(mean_latents(gen, k, num_draws=2)),
+                       jax.random.PRNGKey(0))
   source = gen.config.get("source")
   ch = out.shape[-1]
   if isinstance(source, dict) and "rgb_channels" in source:
@@ -197,15 +302,9 @@ def mean_latents(gen, key, num_draws: int = 256):
 
 
 def _per_sample(leaf, n: int) -> bool:
-  return (jnp.ndim(leaf) >= 1 and jnp.shape(leaf)[0] == n
-          and jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating))
-
-
-def _with_params(gen, params):
-  """A shallow copy of `gen` whose parameters are `params` (traced inside jit)."""
-  g = copy.copy(gen)
-  g.params = params
-  return g
+  """Whether a leaf (array, tracer or `jax.ShapeDtypeStruct`) is a per-sample float `[n, ...]`."""
+  leaf = leaf if hasattr(leaf, "shape") else np.asarray(leaf)
+  return len(leaf.shape) >= 1 and leaf.shape[0] == n and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
 def _free_and_fixed(latents, n: int):
@@ -229,15 +328,63 @@ def _gen_key(gen):
   return type(gen), json.dumps(gen.config, sort_keys=True, default=str)
 
 
-class _Problem(NamedTuple):
-  """Static description of one optimisation (hashable: a `jit` static argument)."""
+class _Plan(NamedTuple):
+  """Static description of one inversion (hashable: part of a `jit` static argument)."""
   gen_key: Any
   structure: Any
   tie: tuple               # per free leaf: broadcast [n, d] over axis 1 to this many layers (0: no)
   layer: Optional[int]
   channels: int
   structure_weight: float
+  feature_structure_weight: float
   levels: int
+  optimizer: Any
+  feature_optimizer: Any
+  num_starts: int
+
+
+class _Spec(NamedTuple):
+  """The generator and the plan, hashed and compared by the plan only.
+
+  Generators of the same architecture and config share the compiled programs:
+  their parameters are arguments, so a reloaded generator reuses them.
+  """
+  gen: Any
+  plan: _Plan
+
+  def __hash__(self):
+    return hash(self.plan)
+
+  def __eq__(self, other):
+    return isinstance(other, _Spec) and self.plan == other.plan
+
+
+class _State(NamedTuple):
+  """What one step of `_chunk` carries (`n` images, features `[n, h, w, c]` at `layer`).
+
+  free: the optimised latent leaves (`[n, ...]`; `[n, d]` for tied layers).
+  latent_opt: the latent optimiser's state.
+  delta: `[n, h, w, c]` the feature stage's change of the features (`()` without `layer`).
+  feature_opt: the feature optimiser's state (`()` without `layer`).
+  base: `(x [n, h, w, c], carry)` the features `gen.split` gave for the latents
+    the feature stage starts from (`()` without `layer`).
+  image: `[n, H, W, ch]` the image of the last evaluated step.
+  latent_image: `[n, H, W, ch]` the image of the latents alone at the last step
+    that evaluated them without feature changes.
+  """
+  free: Any
+  latent_opt: Any
+  delta: Any
+  feature_opt: Any
+  base: Any
+  image: jax.Array
+  latent_image: jax.Array
+
+
+# What a step of `_chunk` does (its `modes [chunk]`); `refresh [chunk]` says whether
+# it takes the features from `gen.split` of the current latents (with their gradient)
+# or from `_State.base`.
+_LATENT, _FEATURE, _EVALUATE, _SKIP = 0, 1, 2, 3
 
 
 def _expand(free, tie):
@@ -245,67 +392,130 @@ def _expand(free, tie):
           for v, t in zip(free, tie)]
 
 
-def _latent_loss(free, fixed, params, target, gen, problem: _Problem):
-  latents = _merge(_expand(free, problem.tie), fixed, problem.structure)
-  out = _with_params(gen, params).generate(latents)[..., :problem.channels]
-  return jnp.sum(reconstruction_loss(out, target, structure_weight=problem.structure_weight,
-                                     levels=problem.levels))
+def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target, gen,
+                    plan: _Plan):
+  """The summed loss of one evaluation, with `(image [n, H, W, ch], base)` as aux.
 
-
-def _feature_loss(x, carry, latents, params, target, gen, problem: _Problem):
-  out = _with_params(gen, params).resume(x, carry, latents, problem.layer)
-  return jnp.sum(reconstruction_loss(out[..., :problem.channels], target,
-                                     structure_weight=problem.structure_weight,
-                                     levels=problem.levels))
-
-
-@functools.partial(jax.jit, static_argnames=("loss_fn", "optimizer", "steps"))
-def _descend(variables, opt_state, args, *, loss_fn, optimizer, steps: int):
-  """`steps` optimiser steps of `loss_fn(variables, *args)` in one `lax.scan`.
-
-  Returns `(variables, opt_state, losses [steps])` (the loss before each step).
+  With `layer`, the image is `gen.resume(x + delta, carry, latents, layer)` where
+  `(x, carry)` is `gen.split(latents, layer)` when `refresh` (a traced bool: the
+  gradient then reaches the latents through both) else `stored`; `resume(split(l))`
+  is `generate(l)` (`generators.base`).
   """
-  def step(carry, _):
-    v, s = carry
-    loss, grad = jax.value_and_grad(loss_fn)(v, *args)
-    updates, s = optimizer.update(grad, s, v)
-    return (optax.apply_updates(v, updates), s), loss
-  (variables, opt_state), losses = jax.lax.scan(step, (variables, opt_state), None, length=steps)
-  return variables, opt_state, losses
+  latents = _merge(_expand(free, plan.tie), fixed, plan.structure)
+  g = gen.with_params(params)
+  base = stored
+  if plan.layer is None:
+    out = g.generate(latents)
+  else:
+    base = jax.lax.cond(refresh, lambda l: g.split(l, plan.layer), lambda _: stored, latents)
+    x, carry = base
+    out = g.resume(x + delta, carry, latents, plan.layer)
+  out = out[..., :plan.channels]
+  loss = pixel_loss(out, target)
+  if plan.structure_weight or plan.feature_structure_weight:
+    loss = loss + weight * _structure_loss(out, target, plan.levels)
+  return jnp.sum(loss), (out, base)
 
 
-class _Bound(NamedTuple):
-  """A hashable loss function with the generator and problem bound (jit-cache friendly)."""
-  fn: Any
-  gen: Any
-  problem: _Problem
+def _step(state: _State, xs, fixed, params, target, spec: _Spec):
+  """One step: evaluate at `state`, then update the latents (`_LATENT`), the features
+  (`_FEATURE`) or nothing (`_EVALUATE`); `_SKIP` pads a chunk. Returns `(state, loss)`."""
+  mode, refresh = xs
+  plan = spec.plan
 
-  def __call__(self, variables, *args):
-    return self.fn(variables, *args, self.gen, self.problem)
+  def run(state):
+    weight = jnp.where(mode == _FEATURE, plan.feature_structure_weight, plan.structure_weight)
+    (loss, (image, base)), (g_free, g_delta) = jax.value_and_grad(
+        _image_and_loss, argnums=(0, 1), has_aux=True)(
+            state.free, state.delta, state.base, refresh, weight, fixed, params, target,
+            spec.gen, plan)
+    keep = lambda on, new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
+    updates, latent_opt = plan.optimizer.update(g_free, state.latent_opt, state.free)
+    latent = mode == _LATENT
+    free = keep(latent, optax.apply_updates(state.free, updates), state.free)
+    latent_opt = keep(latent, latent_opt, state.latent_opt)
+    delta, feature_opt = state.delta, state.feature_opt
+    if plan.layer is not None:
+      # Adam on `delta` from 0 is Adam on the features from `x`; the optimiser sees
+      # the features as its parameters (weight decay), its `init` their change.
+      updates, new_opt = plan.feature_optimizer.update(g_delta, feature_opt, base[0] + delta)
+      feature = mode == _FEATURE
+      delta = keep(feature, optax.apply_updates(delta, updates), delta)
+      feature_opt = keep(feature, new_opt, feature_opt)
+      latent_image = keep(refresh, image, state.latent_image)
+    else:
+      latent_image = image
+    return _State(free, latent_opt, delta, feature_opt, base, image, latent_image), loss
 
-  # Equal for generators of the same architecture and config: the parameters are
-  # arguments of the compiled program, so a reloaded generator reuses it.
-  def __hash__(self):
-    return hash((self.fn, self.problem))
-
-  def __eq__(self, other):
-    return (isinstance(other, _Bound) and self.fn is other.fn
-            and self.problem == other.problem)
+  return jax.lax.cond(mode == _SKIP, lambda s: (s, jnp.zeros((), jnp.float32)), run, state)
 
 
-def _optimise(variables, args, loss_fn, optimizer, steps: int, chunk: int, bar):
-  opt_state = optimizer.init(variables)
-  history, done = [], 0
-  while done < steps:
-    todo = min(chunk, steps - done)
-    variables, opt_state, losses = _descend(variables, opt_state, args, loss_fn=loss_fn,
-                                            optimizer=optimizer, steps=todo)
-    history.append(losses)
-    done += todo
-    if bar is not None:
-      bar.update(todo)
-      bar.set_postfix(loss=float(losses[-1]))
-  return variables, (jnp.concatenate(history) if history else jnp.zeros((0,)))
+def _chunk(state: _State, modes, refresh, fixed, params, target, *, spec: _Spec):
+  """`len(modes)` steps of `_step` in one `lax.scan`: the one program of an inversion.
+
+  modes, refresh: `[chunk]` int32 / bool. Returns `(state, losses [chunk], latents,
+  features [n, h, w, c] or None)`: the loss evaluated at each step and the result
+  so far (the latents pytree, `base x + delta`).
+  """
+  step = functools.partial(_step, fixed=fixed, params=params, target=target, spec=spec)
+  state, losses = jax.lax.scan(step, state, (modes, refresh))
+  plan = spec.plan
+  latents = _merge(_expand(state.free, plan.tie), fixed, plan.structure)
+  features = None if plan.layer is None else state.base[0] + state.delta
+  return state, losses, latents, features
+
+
+def _begin(key, init, params, target, *, spec: _Spec):
+  """The first `_State` and the fixed latent leaves: the starting latents (`init`,
+  or `mean_latents` of `split(key)[0]` when None; with `num_starts > 1` the best of
+  them and `num_starts - 1` random latents per image), the optimisers' states, zeros."""
+  plan, gen = spec.plan, spec.gen.with_params(params)
+  n = target.shape[0]
+  mean_key, start_key = jax.random.split(key)
+  if init is None:
+    init = jax.tree.map(lambda l: jnp.broadcast_to(l, (n,) + l.shape[1:])
+                        if jnp.ndim(l) and l.shape[0] == 1 else l, mean_latents(gen, mean_key))
+  free, fixed, _ = _free_and_fixed(init, n)
+  free = [v[:, 0] if t else v for v, t in zip(free, plan.tie)]
+  if plan.num_starts > 1:
+    free = _best_start(gen, free, fixed, target, plan, start_key, plan.num_starts)
+  delta = feature_opt = base = ()
+  if plan.layer is not None:
+    latents = _merge(_expand(free, plan.tie), fixed, plan.structure)
+    base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        jax.eval_shape(lambda l: gen.split(l, plan.layer), latents))
+    delta = jnp.zeros_like(base[0])
+    feature_opt = plan.feature_optimizer.init(delta)
+  image = jnp.zeros(target.shape, jnp.float32)
+  state = _State(free, plan.optimizer.init(free), delta, feature_opt, base, image, image)
+  return state, fixed
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn, backend: str, options: tuple):
+  """`fn` under `jit` (static `spec`), compiled with `options` on the CPU backend."""
+  return jax.jit(fn, static_argnames=("spec",),
+                 compiler_options=dict(options) if backend == "cpu" and options else None)
+
+
+def _compiled(fn):
+  return _jitted(fn, jax.default_backend(), tuple(sorted(CPU_COMPILER_OPTIONS.items())))
+
+
+def _schedule(steps: int, feature_steps: int, features: bool, chunk: int):
+  """`(modes, refresh)` `[k * chunk]`: `steps` latent steps, `feature_steps` feature
+  steps (the first takes the features of the final latents), one evaluation of the
+  result, then `_SKIP` up to a whole number of chunks."""
+  modes = [_LATENT] * steps + [_FEATURE] * feature_steps + [_EVALUATE]
+  refresh = [True] * steps + [True] + [False] * feature_steps
+  if not features:
+    refresh = [True] * len(modes)
+  elif feature_steps == 0:
+    refresh[-1] = True
+  size = -(-len(modes) // chunk) * chunk
+  pad = size - len(modes)
+  return (np.asarray(modes + [_SKIP] * pad, np.int32),
+          np.asarray(refresh[:len(modes)] + [False] * pad, bool))
 
 
 def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optional[int] = None,
@@ -336,7 +546,9 @@ def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optiona
     num_starts: > 1 also tries `num_starts - 1` random latents and starts each
       image from the one whose image is closest (`reconstruction_loss`).
     init: latents to start from (default: `mean_latents`).
-    chunk_size: steps per compiled `lax.scan` (the progress bar's granularity).
+    chunk_size: steps per call of the compiled program (the progress bar's
+      granularity); every inversion with the same generator, batch shape and
+      settings runs the same program whatever its step counts.
     progress: a tqdm bar.
 
   Returns:
@@ -357,66 +569,62 @@ def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optiona
     layer = gen.check_layer(layer)
   target = check_images(gen, images)
   n, channels = target.shape[0], target.shape[-1]
-  mean_key, start_key = jax.random.split(key)
+  shapes = jax.eval_shape(
+      lambda k: mean_latents(gen, k) if init is None else init, key)
   if init is None:
-    init = jax.tree.map(lambda l: jnp.broadcast_to(l, (n,) + l.shape[1:])
-                        if jnp.ndim(l) and l.shape[0] == 1 else l, mean_latents(gen, mean_key))
-  free, fixed, structure = _free_and_fixed(init, n)
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + s.shape[1:], s.dtype)
+                          if s.shape and s.shape[0] == 1 else s, shapes)
+  free, _, structure = _free_and_fixed(shapes, n)
   if not free:
     raise ValueError(f"init must be latents of the {n} image(s) (leaves [{n}, ...]); none of "
                      f"its leaves has that leading axis")
-  tie = tuple(int(v.shape[1]) if tie_layers and v.ndim == 3 else 0 for v in free)
-  free = [v[:, 0] if t else v for v, t in zip(free, tie)]
-  problem = _Problem(_gen_key(gen), structure, tie, layer, channels, float(structure_weight),
-                     int(levels))
-  latent_loss = _Bound(_latent_loss, gen, problem)
-  if num_starts > 1:
-    free = _best_start(gen, free, fixed, target, problem, start_key, num_starts)
-  optimizer = optimizer if optimizer is not None else LATENT_OPTIMIZER
+  tie = tuple(int(v.shape[1]) if tie_layers and len(v.shape) == 3 else 0 for v in free)
+  plan = _Plan(_gen_key(gen), structure, tie, layer, channels, float(structure_weight),
+               float(feature_structure_weight), int(levels),
+               optimizer if optimizer is not None else LATENT_OPTIMIZER,
+               feature_optimizer if feature_optimizer is not None else FEATURE_OPTIMIZER,
+               int(num_starts))
+  spec = _Spec(gen, plan)
+  state, fixed = _compiled(_begin)(key, init, gen.params, target, spec=spec)
+  modes, refresh = _schedule(steps, feature_steps, layer is not None, chunk_size)
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=steps + feature_steps, desc="invert", unit="step", leave=False)
+  history = []
   try:
-    free, history = _optimise(free, (fixed, gen.params, target), latent_loss, optimizer,
-                              steps, chunk_size, bar)
-    latents = _merge(_expand(free, tie), fixed, structure)
-    features = carry = None
-    if layer is not None:
-      features, carry = gen.split(latents, layer)
-      if feature_steps:
-        feature_loss = _Bound(_feature_loss, gen, problem._replace(
-            structure_weight=float(feature_structure_weight)))
-        features, more = _optimise(features, (carry, latents, gen.params, target),
-                                   feature_loss,
-                                   feature_optimizer if feature_optimizer is not None
-                                   else FEATURE_OPTIMIZER, feature_steps, chunk_size, bar)
-        history = jnp.concatenate([history, more])
-      reconstruction = gen.resume(features, carry, latents, layer)
-    else:
-      reconstruction = gen.generate(latents)
+    for start in range(0, len(modes), chunk_size):
+      part = slice(start, start + chunk_size)
+      state, losses, latents, features = _compiled(_chunk)(
+          state, modes[part], refresh[part], fixed, gen.params, target, spec=spec)
+      done = modes[part] <= _FEATURE
+      history.append(np.asarray(losses)[done])
+      if bar is not None and done.any():
+        bar.update(int(done.sum()))
+        bar.set_postfix(loss=float(history[-1][-1]))
   finally:
     if bar is not None:
       bar.close()
-  return Inversion(latents, features, carry, reconstruction[..., :channels], history)
+  carry = None if layer is None else state.base[1]
+  return Inversion(latents, features, carry, state.image, jnp.asarray(np.concatenate(history)),
+                   state.latent_image)
 
 
-def _best_start(gen, free, fixed, target, problem, key, num_starts):
+def _best_start(gen, free, fixed, target, plan, key, num_starts):
   """Per image, the start (the given one or a random latent) with the lowest loss."""
   n = target.shape[0]
-  best = list(free)
-  lat0 = _merge(_expand(free, problem.tie), fixed, problem.structure)
-  best_loss = reconstruction_loss(gen.generate(lat0)[..., :problem.channels], target,
-                                  structure_weight=problem.structure_weight,
-                                  levels=problem.levels)
+
+  def loss_of(cand):
+    lat = _merge(_expand(cand, plan.tie), fixed, plan.structure)
+    return reconstruction_loss(gen.generate(lat)[..., :plan.channels], target,
+                               structure_weight=plan.structure_weight, levels=plan.levels)
+  best, best_loss = list(free), loss_of(free)
   for k in range(num_starts - 1):
     z = jax.random.normal(jax.random.fold_in(key, k), (n, gen.z_dim))
     c = None if gen.c_dim == 0 else jnp.full((n, gen.c_dim), 1.0 / gen.c_dim)
     cand, _, _ = _free_and_fixed(gen.latents(z, c), n)
-    cand = [v[:, 0] if t else v for v, t in zip(cand, problem.tie)]
-    lat = _merge(_expand(cand, problem.tie), fixed, problem.structure)
-    loss = reconstruction_loss(gen.generate(lat)[..., :problem.channels], target,
-                               structure_weight=problem.structure_weight, levels=problem.levels)
+    cand = [v[:, 0] if t else v for v, t in zip(cand, plan.tie)]
+    loss = loss_of(cand)
     better = loss < best_loss
     best = [jnp.where(better.reshape((n,) + (1,) * (b.ndim - 1)), c_, b)
             for b, c_ in zip(best, cand)]

@@ -84,6 +84,44 @@ def test_laplacian_pyramid_is_exact_and_the_loss_gradient_matches_differences():
       np.testing.assert_allclose(np.sum(grad * d), fd, rtol=1e-5)
 
 
+def test_matrix_pyramid_loss_is_the_pyramid_loss():
+  """The inversion's pyramid loss (two matrix products, few kernels to compile) is
+  `pyramid_loss` (blurs, slices, resizes): values and gradients to float32 rounding
+  (rtol 1e-5 of sums over ~1e3 terms), odd sizes and the edge padding of tiny levels
+  included."""
+  rng = np.random.default_rng(0)
+  for shape, levels in [((2, 32, 32, 3), 3), ((1, 7, 9, 2), 3), ((1, 8, 8, 3), 0)]:
+    a, b = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
+    reference = jax.jit(jax.value_and_grad(
+        lambda x, b=b, levels=levels: jnp.sum(inversion.pyramid_loss(x, b, levels))))
+    matrices = jax.jit(jax.value_and_grad(lambda x, b=b, levels=levels: jnp.sum(
+        inversion._matrix_pyramid_loss(x - b, levels))))  # pylint: disable=protected-access
+    (got, got_grad), (want, want_grad) = matrices(a), reference(a)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=0,
+                               atol=1e-5 * np.abs(want_grad).max())
+
+
+def test_one_program_serves_every_step_count(gen, planted):
+  """Both stages and the final evaluation are one compiled program (issue 21 item 4:
+  compiling was most of a first inversion): other step counts with the settings of
+  the planted test compile nothing new. `latent_reconstruction` is the image of
+  the latents alone."""
+  image, _ = planted
+  chunk = inversion._compiled(inversion._chunk)  # pylint: disable=protected-access
+  pj.invert(gen, image, key=jax.random.PRNGKey(0), steps=100, layer=5, feature_steps=20,
+            progress=False)                       # Compiled by the planted test.
+  compiled = chunk._cache_size()  # pylint: disable=protected-access
+  result = pj.invert(gen, image, key=jax.random.PRNGKey(1), steps=7, layer=5, feature_steps=3,
+                     progress=False)
+  assert chunk._cache_size() == compiled  # pylint: disable=protected-access
+  assert result.loss_history.shape == (10,)
+  np.testing.assert_allclose(result.latent_reconstruction,
+                             gen.generate(result.latents)[..., :3], atol=1e-5)
+  np.testing.assert_allclose(result.reconstruction, gen.resume(
+      result.features, result.carry, result.latents, 5)[..., :3], atol=1e-5)
+
+
 @pytest.mark.parametrize("shape, message", [
     ((1, 16, 16, 3), "16x16, the generator makes 32x32"),
     ((1, 32, 32, 4), "4 channel"),
