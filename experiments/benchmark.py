@@ -62,6 +62,7 @@ import numpy as np
 import panda_jax as pj
 from panda_jax import decomposition, parts_init
 from panda_jax.data import synthetic
+from experiments import torch_worker
 from experiments.torch_worker import TorchProcess, cores, serve
 
 FLAGS = flags.FLAGS
@@ -610,25 +611,12 @@ def _default_fit_to_reach(z, rank_c, target, max_steps) -> tuple[dict, float | N
 
 
 def environment(threads: int, torch_info: dict) -> dict:
-  """Versions, machine, threads and precision of both sides."""
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  import platform  # pylint: disable=import-outside-toplevel
-  cpu = ""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-  except OSError:
-    pass
-  return {"versions": {"python": platform.python_version(), "jax": jax.__version__,
-                       "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-                       "torch": torch_info.get("torch")},
-          "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                      "jax_devices": [str(d) for d in jax.devices()]},
-          "threads": {"jax_cores": threads, "torch": torch_info.get("threads"),
-                      "torch_interop": torch_info.get("interop_threads")},
-          "matmul_precision": {"jax": jax.config.jax_default_matmul_precision,
-                               "torch": torch_info.get("matmul_precision")},
-          "xla_flags": os.environ.get("XLA_FLAGS", "")}
+  """Versions, machine, threads and matmul precision of both sides."""
+  return dict(torch_worker.environment(threads, torch_info),
+              threads={"jax_cores": threads, "torch": torch_info.get("threads"),
+                       "torch_interop": torch_info.get("interop_threads")},
+              matmul_precision={"jax": jax.config.jax_default_matmul_precision,
+                                "torch": torch_info.get("matmul_precision")})
 
 
 def _torch_side(threads: int, one_thread: bool):

@@ -33,6 +33,29 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
+def environment(threads: int, torch_info: dict) -> dict:
+  """A benchmark JSON's versions and machine: both sides' libraries, the CPU model,
+  the cores JAX uses, JAX's devices, `XLA_FLAGS` and the torch worker's threads."""
+  import platform  # pylint: disable=import-outside-toplevel
+  import flax  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  return {"versions": {"python": platform.python_version(), "jax": jax.__version__,
+                       "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                       "numpy": np.__version__, "torch": torch_info.get("torch")},
+          "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                      "cores_used": threads, "jax_devices": [str(d) for d in jax.devices()]},
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "torch_threads": torch_info.get("threads")}
+
+
 def serve(handlers: dict, announce: dict | None = None) -> None:
   """The worker loop: `handlers[cmd["cmd"]](**rest) -> dict` per line of stdin.
 

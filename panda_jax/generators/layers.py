@@ -17,6 +17,8 @@ agree. Callers need no `jax.default_matmul_precision` context, and a test
 """
 from __future__ import annotations
 
+import functools
+import operator
 from typing import Sequence
 
 import jax
@@ -89,18 +91,51 @@ def setup_filter(taps: Sequence[float]) -> np.ndarray:
   return (f / f.sum()).astype(np.float32)
 
 
+def _pad_axis(x, axis: int, lo: int, hi: int):
+  """`x` zero-padded along `axis` by `lo` and `hi` (negative values crop)."""
+  config = [(0, 0, 0)] * x.ndim
+  config[axis] = (lo, hi, 0)
+  return jax.lax.pad(x, jnp.zeros((), x.dtype), config)
+
+
 def upfirdn_axis(x, f, axis: int, up: int, down: int, pad0: int, pad1: int):
   """`upfirdn2d` along one axis with a 1-D filter `f [t]` (static or traced), in polyphase form.
 
   out[o] = sum_i x[i] flip(f)[i * up + pad0 - o * down]: each output sees at most
-  ceil(t / up) inputs, gathered one tap at a time (no zero-inserted signal and
-  no decimated outputs are ever computed). Output length along `axis`:
-  `(length * up + pad0 + pad1 - t) // down + 1`.
+  ceil(t / up) inputs, one tap at a time (no zero-inserted signal and no
+  decimated outputs are ever computed). With `up == 1` tap j is a strided slice
+  of the padded input; with `down == 1` output phase p (o = up m + p) is a
+  correlation with the taps `flip(f)[r::up]`, r = (pad0 - p) mod up, each a
+  slice, and the phases are interleaved. Slices instead of gathers: 1.0-1.5x
+  faster on XLA:CPU (StyleGAN3's filtered leaky ReLU), the same sums in the same
+  order. Output length along `axis`: `(length * up + pad0 + pad1 - t) // down + 1`.
   """
   length, taps = x.shape[axis], f.shape[0]
-  out = np.arange((length * up + pad0 + pad1 - taps) // down + 1)
-  first = -((pad0 - out * down) // up)  # ceil((o * down - pad0) / up)
+  n_out = (length * up + pad0 + pad1 - taps) // down + 1
   flipped = jnp.flip(jnp.asarray(f, x.dtype))
+  if up == 1:  # out[o] = sum_j padded[o * down + j] flipped[j].
+    x = _pad_axis(x, axis, pad0, pad1)
+    terms = [jax.lax.slice_in_dim(x, j, j + down * (n_out - 1) + 1, stride=down, axis=axis)
+             * flipped[j] for j in range(taps)]
+    return functools.reduce(operator.add, terms)
+  if down == 1:  # Phase p, output m: sum_s x[m - q_p + s] flipped[r_p + up s].
+    per_phase = -(-n_out // up)
+    shifts = [(pad0 - p) // up for p in range(up)]  # q_p
+    lo = max(max(shifts), 0)
+    x = _pad_axis(x, axis, lo, max(per_phase + taps // up + 1 - length, 0) + 1
+                  + max(-min(shifts), 0))
+    phases = []
+    for p, q in enumerate(shifts):
+      terms = [jax.lax.slice_in_dim(x, lo - q + s, lo - q + s + per_phase, axis=axis)
+               * flipped[j] for s, j in enumerate(range((pad0 - p) % up, taps, up))]
+      phases.append(functools.reduce(operator.add, terms) if terms else
+                    jnp.zeros_like(jax.lax.slice_in_dim(x, 0, per_phase, axis=axis)))
+    shape = list(x.shape)
+    shape[axis] = per_phase * up
+    y = jnp.stack(phases, axis=axis + 1).reshape(shape)  # Interleaved.
+    return jax.lax.slice_in_dim(y, 0, n_out, axis=axis)
+  out = np.arange(n_out)  # Both factors: gather the inputs of each tap.
+  first = -((pad0 - out * down) // up)  # ceil((o * down - pad0) / up)
   shape = [1] * x.ndim
   shape[axis] = out.size
   y = jnp.zeros(x.shape[:axis] + (out.size,) + x.shape[axis + 1:], x.dtype)

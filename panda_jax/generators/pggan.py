@@ -72,17 +72,22 @@ def lrelu(x: jax.Array, bias: jax.Array) -> jax.Array:
   return layers.bias_act(x, bias, act="lrelu", gain=1.0)
 
 
-def _layer(params: dict, x: jax.Array, index: int, fused_scale: bool) -> jax.Array:
-  """Layer `index` (0-based) of `x` (`[n, z_dim]` for layer 0, else `[n, h, w, c]`)."""
+def _layer(params: dict, x: jax.Array, index: int) -> jax.Array:
+  """Layer `index` (0-based) of `x` (`[n, z_dim]` for layer 0, else `[n, h, w, c]`).
+
+  An upsampling layer runs as `layers.fused_upsample_conv3x3` whatever
+  `fused_scale` says: nearest 2x then a 3x3 conv (padding 1) equals the fused
+  transposed conv exactly, borders included, and its sub-pixel form makes 4
+  instead of 9 products per output pixel (`fused_scale` only decides how the
+  converter reads the stored weight).
+  """
   x = pixel_norm(x)
   weight = params["weight"]
   if index == 0:
     x = layers.einsum("nc,hwco->nhwo", x, weight)  # [n, 4, 4, c]
-  elif index % 2 == 0 and fused_scale:
+  elif index % 2 == 0:
     x = layers.fused_upsample_conv3x3(x, weight)  # [n, 2h, 2w, c_out]
   else:
-    if index % 2 == 0:
-      x = layers.upsample_nearest(x)
     x = layers.conv2d(x, weight, padding=1)
   return lrelu(x, params["bias"])
 
@@ -91,8 +96,9 @@ def _layer(params: dict, x: jax.Array, index: int, fused_scale: bool) -> jax.Arr
 def run_layers(params: dict, x: jax.Array, *, cfg: Config, start: int,
                stop: int) -> jax.Array:
   """Layers `start .. stop - 1` (0-based) from `x`; `x` is the latents for start 0."""
+  del cfg  # Static: part of the cache key (the up-convs do not depend on fused_scale).
   for i in range(start, stop):
-    x = _layer(params[f"layer{i}"], x, i, cfg.fused_scale)
+    x = _layer(params[f"layer{i}"], x, i)
   return x
 
 

@@ -80,17 +80,18 @@ def draw_noise(noise_key, n: int, start: int, stop: int) -> dict | None:
           for i in range(start, stop)}
 
 
-def _layer(params: dict, x, w: jax.Array, index: int, fused: bool, noise):
+def _layer(params: dict, x, w: jax.Array, index: int, noise):
   """Layer `index` (0-based): `x [n, h, w, c_in]` (None for 0), `w [n, w_dim]`,
-  `noise [n, h, w, 1]` or None for the stored `[1, h, w, 1]` buffer."""
+  `noise [n, h, w, 1]` or None for the stored `[1, h, w, 1]` buffer.
+
+  Upsampling layers, fused or not, run as `layers.fused_upsample_conv3x3`
+  (equal to nearest 2x then the 3x3 conv; see `pggan._layer`).
+  """
   n = w.shape[0]
   if index == 0:
     x = jnp.broadcast_to(params["const"], (n,) + params["const"].shape[1:])
   elif index % 2 == 0:
-    if fused:
-      x = layers.fused_upsample_conv3x3(x, params["weight"])
-    else:
-      x = layers.conv2d(layers.upsample_nearest(x), params["weight"], padding=1)
+    x = layers.fused_upsample_conv3x3(x, params["weight"])
     x = layers.upfirdn2d(x, BLUR_FILTER, padding=(1, 1, 1, 1))
   else:
     x = layers.conv2d(x, params["weight"], padding=1)
@@ -110,9 +111,9 @@ def run_layers(params: dict, x, wp: jax.Array, noise: dict | None = None, *,
   `wp [n, num_layers, w_dim]`; `noise` from `draw_noise`, None for the stored
   noise buffers (genforce's `randomize_noise=False`).
   """
+  del cfg  # Static: part of the cache key (the up-convs do not depend on fused_scale).
   for i in range(start, stop):
-    fused = i > 0 and uses_fused_scale(cfg.fused_scale, 4 << (i // 2))
-    x = _layer(params[f"layer{i}"], x, wp[:, i], i, fused,
+    x = _layer(params[f"layer{i}"], x, wp[:, i], i,
                None if noise is None else noise[f"layer{i}"])
   return x
 
