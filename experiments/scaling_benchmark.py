@@ -33,7 +33,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AXIS = "batch"  # decomposition.AXIS: the pmap axis of `fit` and `shard_batch`.
 
 
 def _bytes(tree) -> int:
@@ -65,6 +64,7 @@ def measure(spec: dict) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
   import panda_jax as pj  # pylint: disable=import-outside-toplevel
   from panda_jax import generators  # pylint: disable=import-outside-toplevel
+  from panda_jax.decomposition import AXIS  # pylint: disable=import-outside-toplevel
 
   d, chunk, per = jax.local_device_count(), spec["chunk"], spec["per_device"]
   rank_c, rank_s = spec["rank_c"], spec["rank_s"]
