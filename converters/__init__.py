@@ -15,6 +15,7 @@ giving one to a format that does not list it is an error. Nothing
 here imports torch or executes anything from a checkpoint: files are read by
 `converters.safe_pickle`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,15 @@ from converters.errors import ConversionError
 FORMATS = ("stylegan2", "stylegan3", "biggan", "genforce", "dcgan")
 MAX_JSON_BYTES = 2**20  # A config.json (real ones: < 1 kB).
 # What reading odd values out of a checkpoint raises: malformed input, not a bug.
-_MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
-              RecursionError)
+_MALFORMED = (
+  ValueError,
+  TypeError,
+  KeyError,
+  IndexError,
+  AttributeError,
+  ArithmeticError,
+  RecursionError,
+)
 
 
 class Source:
@@ -64,6 +72,7 @@ class Source:
     path = self.file(name)
     if path not in self._cache:
       from converters import safe_pickle  # Lazy: only converting needs it.
+
       try:
         self._cache[path] = safe_pickle.load(path)
       except ConversionError as e:
@@ -90,8 +99,9 @@ def formats() -> dict[str, ModuleType]:
   found = {}
   for name in FORMATS:
     module = importlib.import_module(f"{__name__}.{name}")
-    if not (callable(getattr(module, "sniff", None))
-            and callable(getattr(module, "convert", None))):
+    if not (
+      callable(getattr(module, "sniff", None)) and callable(getattr(module, "convert", None))
+    ):
       raise TypeError(f"converter module {module.__name__} must define sniff and convert")
     found[name] = module
   return found
@@ -104,12 +114,12 @@ def detect(source: Source) -> ModuleType:
     if not source.is_dir:
       source.read()  # An unreadable (e.g. malicious) file: say why.
     raise ConversionError(
-        f"{source.path} is not a checkpoint of a supported kind "
-        f"({', '.join(formats())})")
+      f"{source.path} is not a checkpoint of a supported kind ({', '.join(formats())})"
+    )
   if len(matches) > 1:
     raise ConversionError(
-        f"{source.path} is claimed by several converters: "
-        f"{', '.join(m.__name__ for m in matches)}")
+      f"{source.path} is claimed by several converters: {', '.join(m.__name__ for m in matches)}"
+    )
   return matches[0]
 
 
@@ -120,18 +130,21 @@ def convert(src: str | os.PathLike, **options) -> tuple[str, dict, Any]:
   them in its `OPTIONS`.
   """
   from panda_jax import generators
+
   source = Source(src)
   options = {k: v for k, v in options.items() if v is not None}
   try:
     module = detect(source)
     unknown = sorted(set(options) - set(getattr(module, "OPTIONS", ())))
     if unknown:
-      raise ConversionError(f"--{unknown[0]} does not apply to "
-                            f"{module.__name__.rsplit('.', 1)[-1]} checkpoints")
+      raise ConversionError(
+        f"--{unknown[0]} does not apply to {module.__name__.rsplit('.', 1)[-1]} checkpoints"
+      )
     arch, config, params = module.convert(source, **options)
   except _MALFORMED as e:
-    raise ConversionError(f"{source.path}: malformed checkpoint "
-                          f"({type(e).__name__}: {e})") from None
+    raise ConversionError(
+      f"{source.path}: malformed checkpoint ({type(e).__name__}: {e})"
+    ) from None
   classes = generators.base.registered()
   if arch not in classes:
     raise ConversionError(f"no generator registered for architecture {arch!r}")
@@ -146,6 +159,7 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike, **options) -> s
   """Converts `src` (with the format's `options`) and writes the directory `dst`
   atomically; returns `dst`."""
   from panda_jax.generators import base
+
   arch, config, params = convert(src, **options)
   try:
     with _quiet_orbax():

@@ -7,6 +7,7 @@ Spectral norms are folded as torch computes them in eval mode: `W = W_orig /
 (u^T W_orig v)` with the stored `weight_u`, `weight_v` (no power iteration),
 `W_orig` viewed as `[out, -1]`.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,13 +40,15 @@ def sniff(source) -> bool:
 
 
 def read_config(folder) -> dict:
-  """The validated `BigGANConfig` dict of the folder's config.json."""
+  """The `BigGANConfig` dict of the folder's config.json, validated (`biggan.Config`)."""
   if not os.path.isfile(folder.file(CONFIG_NAME)):
     raise ConversionError(f"missing {CONFIG_NAME} in {folder.path}")
+  config = folder.json(CONFIG_NAME)
   try:
-    return biggan.check_config(folder.json(CONFIG_NAME))
+    biggan.Config.from_dict(config)
   except ValueError as e:
     raise ConversionError(f"{folder.file(CONFIG_NAME)}: {e}") from None
+  return config
 
 
 def spectral_normalize(w_orig: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -80,9 +83,11 @@ class _StateDict:
 
   def sn(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The spectral-normalised weight `[out, ...]` of module `name`."""
-    return spectral_normalize(self.take(f"{name}.weight_orig", shape),
-                              self.take(f"{name}.weight_u", shape[:1]),
-                              self.take(f"{name}.weight_v", (int(np.prod(shape[1:])),)))
+    return spectral_normalize(
+      self.take(f"{name}.weight_orig", shape),
+      self.take(f"{name}.weight_u", shape[:1]),
+      self.take(f"{name}.weight_v", (int(np.prod(shape[1:])),)),
+    )
 
   def conv(self, name: str, c_in: int, c_out: int, size: int):
     """`{kernel [size, size, c_in, c_out], bias [c_out]}` (HWIO)."""
@@ -90,35 +95,39 @@ class _StateDict:
     return {"kernel": kernel, "bias": self.take(f"{name}.bias", (c_out,))}
 
   def stats(self, name: str, c: int, n_stats: int):
-    return {"means": self.take(f"{name}.running_means", (n_stats, c)),
-            "vars": self.take(f"{name}.running_vars", (n_stats, c))}
+    return {
+      "means": self.take(f"{name}.running_means", (n_stats, c)),
+      "vars": self.take(f"{name}.running_vars", (n_stats, c)),
+    }
 
   def finish(self):
     if self._state:
       extra = sorted(self._state)
-      raise ConversionError(f"{len(extra)} unexpected tensor(s) for this config, "
-                            f"e.g. {extra[:3]}")
+      raise ConversionError(f"{len(extra)} unexpected tensor(s) for this config, e.g. {extra[:3]}")
 
 
 def params_from_state_dict(state: dict, config: dict) -> dict:
   """Maps a pytorch-pretrained-biggan state dict (numpy arrays) to BigGAN params."""
   sd = _StateDict(state)
-  ch, z_dim, k = config["channel_width"], config["z_dim"], config["n_stats"]
+  cfg = biggan.Config.from_dict(config)
+  ch, z_dim, k = cfg.channel_width, cfg.z_dim, cfg.n_stats
   d = 2 * z_dim
   params = {
-      "embeddings": sd.take("embeddings.weight", (z_dim, config["num_classes"])).T,
-      "gen_z": {"kernel": sd.sn("generator.gen_z", (4 * 4 * 16 * ch, d)).T,
-                "bias": sd.take("generator.gen_z.bias", (4 * 4 * 16 * ch,))},
+    "embeddings": sd.take("embeddings.weight", (z_dim, cfg.num_classes)).T,
+    "gen_z": {
+      "kernel": sd.sn("generator.gen_z", (4 * 4 * 16 * ch, d)).T,
+      "bias": sd.take("generator.gen_z.bias", (4 * 4 * 16 * ch,)),
+    },
   }
-  for i, layer in enumerate(biggan.layer_list(config)):
+  for i, layer in enumerate(cfg.generator_layers):
     name, c = f"generator.layers.{i}", layer.in_channels
     if layer.kind == "attention":
       params[f"layer_{i}"] = {
-          "theta": sd.sn(f"{name}.snconv1x1_theta", (c // 8, c, 1, 1))[:, :, 0, 0].T,
-          "phi": sd.sn(f"{name}.snconv1x1_phi", (c // 8, c, 1, 1))[:, :, 0, 0].T,
-          "g": sd.sn(f"{name}.snconv1x1_g", (c // 2, c, 1, 1))[:, :, 0, 0].T,
-          "o_conv": sd.sn(f"{name}.snconv1x1_o_conv", (c, c // 2, 1, 1))[:, :, 0, 0].T,
-          "gamma": np.reshape(sd.take(f"{name}.gamma", (1,)), ()),
+        "theta": sd.sn(f"{name}.snconv1x1_theta", (c // 8, c, 1, 1))[:, :, 0, 0].T,
+        "phi": sd.sn(f"{name}.snconv1x1_phi", (c // 8, c, 1, 1))[:, :, 0, 0].T,
+        "g": sd.sn(f"{name}.snconv1x1_g", (c // 2, c, 1, 1))[:, :, 0, 0].T,
+        "o_conv": sd.sn(f"{name}.snconv1x1_o_conv", (c, c // 2, 1, 1))[:, :, 0, 0].T,
+        "gamma": np.reshape(sd.take(f"{name}.gamma", (1,)), ()),
       }
       continue
     mid = c // biggan.REDUCTION
@@ -126,14 +135,18 @@ def params_from_state_dict(state: dict, config: dict) -> dict:
     block = {}
     for j, (c_in, c_out, size) in enumerate(widths):
       bn = f"{name}.bn_{j}"
-      block[f"bn_{j}"] = {"scale": sd.sn(f"{bn}.scale", (c_in, d)).T,
-                          "offset": sd.sn(f"{bn}.offset", (c_in, d)).T,
-                          **sd.stats(bn, c_in, k)}
+      block[f"bn_{j}"] = {
+        "scale": sd.sn(f"{bn}.scale", (c_in, d)).T,
+        "offset": sd.sn(f"{bn}.offset", (c_in, d)).T,
+        **sd.stats(bn, c_in, k),
+      }
       block[f"conv_{j}"] = sd.conv(f"{name}.conv_{j}", c_in, c_out, size)
     params[f"layer_{i}"] = block
-  params["bn"] = {"weight": sd.take("generator.bn.weight", (ch,)),
-                  "bias": sd.take("generator.bn.bias", (ch,)),
-                  **sd.stats("generator.bn", ch, k)}
+  params["bn"] = {
+    "weight": sd.take("generator.bn.weight", (ch,)),
+    "bias": sd.take("generator.bn.bias", (ch,)),
+    **sd.stats("generator.bn", ch, k),
+  }
   params["conv_to_rgb"] = sd.conv("generator.conv_to_rgb", ch, ch, 3)
   sd.finish()
   return params

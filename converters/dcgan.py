@@ -22,6 +22,7 @@ store is assumed as in the tutorial: stride 1 / padding 0 for the first
 ConvTranspose2d, stride 2 / padding 1 for the others, no conv biases,
 BatchNorm eps 1e-5.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -69,20 +70,26 @@ class _Tensors(genforce._Tensors):  # pylint: disable=protected-access
     if not super().has(name):
       return
     value = self._state.pop(name)
-    if not (isinstance(value, np.ndarray) and value.shape == ()
-            and np.issubdtype(value.dtype, np.integer)):
+    if not (
+      isinstance(value, np.ndarray) and value.shape == () and np.issubdtype(value.dtype, np.integer)
+    ):
       raise ConversionError(f"tensor {name} must be a 0-d integer counter")
 
   def finish(self) -> None:
     if self._state:
       extra = sorted(self._state)
-      raise ConversionError(f"unexpected tensor {extra[0]} in the DCGAN generator state "
-                            f"dict ({len(extra)} unexpected: {extra[:3]})")
+      raise ConversionError(
+        f"unexpected tensor {extra[0]} in the DCGAN generator state "
+        f"dict ({len(extra)} unexpected: {extra[:3]})"
+      )
 
 
 def _is_state_dict(obj) -> bool:
-  return (isinstance(obj, dict) and bool(obj)
-          and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
+  return (
+    isinstance(obj, dict)
+    and bool(obj)
+    and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+  )
 
 
 def _prefix(state: dict) -> str:
@@ -123,8 +130,10 @@ def _batch_norm(sd: _Tensors, index: int, c: int) -> tuple[dict, dict]:
   """BatchNorm2d `main.{index}`: `({scale, bias}, {mean, var})`, each `[c]`."""
   name = f"main.{index}"
   params = {"scale": sd.take(f"{name}.weight", (c,)), "bias": sd.take(f"{name}.bias", (c,))}
-  stats = {"mean": sd.take(f"{name}.running_mean", (c,)),
-           "var": sd.take(f"{name}.running_var", (c,))}
+  stats = {
+    "mean": sd.take(f"{name}.running_mean", (c,)),
+    "var": sd.take(f"{name}.running_var", (c,)),
+  }
   if np.any(stats["var"] < 0):
     raise ConversionError(f"tensor {sd.name(name)}.running_var has negative entries")
   sd.skip_counter(f"{name}.num_batches_tracked")
@@ -137,19 +146,23 @@ def _num_convs(sd: _Tensors) -> int:
   while n <= dcgan.MAX_BLOCKS + 1 and sd.has(f"main.{3 * n}.weight"):
     n += 1
   if n == 0:
-    raise ConversionError(f"missing tensor {sd.name('main.0.weight')} (the first "
-                          "ConvTranspose2d of a DCGAN generator)")
+    raise ConversionError(
+      f"missing tensor {sd.name('main.0.weight')} (the first ConvTranspose2d of a DCGAN generator)"
+    )
   if n == 1:
-    raise ConversionError(f"missing tensor {sd.name('main.3.weight')}: a DCGAN generator "
-                          "has at least two ConvTranspose2d layers")
+    raise ConversionError(
+      f"missing tensor {sd.name('main.3.weight')}: a DCGAN generator "
+      "has at least two ConvTranspose2d layers"
+    )
   if n > dcgan.MAX_BLOCKS + 1:
-    raise ConversionError(f"more than {dcgan.MAX_BLOCKS} blocks (main.0 .. "
-                          f"{sd.name(f'main.{3 * n}')}): images over 4096x4096")
+    raise ConversionError(
+      f"more than {dcgan.MAX_BLOCKS} blocks (main.0 .. "
+      f"{sd.name(f'main.{3 * n}')}): images over 4096x4096"
+    )
   return n
 
 
-def convert_state_dict(state: dict, *, nz: int | None = None,
-                       where: str = "") -> tuple[dict, dict]:
+def convert_state_dict(state: dict, *, nz: int | None = None, where: str = "") -> tuple[dict, dict]:
   """`(config, variables)` of a DCGAN-tutorial generator state dict.
 
   Args:
@@ -161,14 +174,17 @@ def convert_state_dict(state: dict, *, nz: int | None = None,
     ConversionError: one line naming the first offending tensor.
   """
   if not _is_state_dict(state):
-    raise ConversionError(f"{where or 'the checkpoint'} is not a state dict "
-                          "(parameter name -> tensor)")
+    raise ConversionError(
+      f"{where or 'the checkpoint'} is not a state dict (parameter name -> tensor)"
+    )
   sd = _Tensors(state, _prefix(state))
   num_blocks = _num_convs(sd) - 1
   first = state[sd.name("main.0.weight")]
   if nz is not None and (first.ndim != 4 or first.shape[0] != nz):
-    raise ConversionError(f"--nz={nz} but tensor {sd.name('main.0.weight')} has shape "
-                          f"{list(first.shape)} (its first dimension is the latent size)")
+    raise ConversionError(
+      f"--nz={nz} but tensor {sd.name('main.0.weight')} has shape "
+      f"{list(first.shape)} (its first dimension is the latent size)"
+    )
   params, stats, channels, c_in = {}, {}, [], nz
   for j in range(num_blocks):
     kernel = _conv(sd, 3 * j, c_in)
@@ -179,16 +195,26 @@ def convert_state_dict(state: dict, *, nz: int | None = None,
     channels.append(c_in)
   last = 3 * num_blocks
   if sd.has(f"main.{last + 1}.weight"):  # A BatchNorm2d follows: the chain was cut short.
-    raise ConversionError(f"missing tensor {sd.name(f'main.{last + 3}.weight')} (the "
-                          f"ConvTranspose2d after the BatchNorm2d main.{last + 1})")
+    raise ConversionError(
+      f"missing tensor {sd.name(f'main.{last + 3}.weight')} (the "
+      f"ConvTranspose2d after the BatchNorm2d main.{last + 1})"
+    )
   params["to_rgb"] = {"kernel": _conv(sd, last, c_in)}
   sd.finish()
   z_dim = params["blocks_0"]["conv"]["kernel"].shape[2]
-  config = {"z_dim": int(z_dim), "channels": channels,
-            "img_channels": int(params["to_rgb"]["kernel"].shape[3]),
-            "img_resolution": 2 ** (num_blocks + 2), "bn_eps": BN_EPS,
-            "source": {"format": "torch-dcgan", "state_dict_key": where,
-                       "data_parallel": bool(sd.prefix), "ngf": channels[-1]}}
+  config = {
+    "z_dim": int(z_dim),
+    "channels": channels,
+    "img_channels": int(params["to_rgb"]["kernel"].shape[3]),
+    "img_resolution": 2 ** (num_blocks + 2),
+    "bn_eps": BN_EPS,
+    "source": {
+      "format": "torch-dcgan",
+      "state_dict_key": where,
+      "data_parallel": bool(sd.prefix),
+      "ngf": channels[-1],
+    },
+  }
   return config, {"params": params, "batch_stats": stats}
 
 

@@ -33,6 +33,7 @@ Not in the state dict, so genforce's defaults are assumed unless given to
 `fused_scale="auto"` (fused from 128x128 on), and ProGAN's `fused_scale`
 (read from the weight layout where the channel counts tell, else False).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,14 +42,14 @@ import numpy as np
 
 from converters.errors import ConversionError
 from panda_jax.generators import layers
-from panda_jax.generators import pggan
-from panda_jax.generators import stylegan
+from panda_jax.generators import progan
+from panda_jax.generators import stylegan1
 from panda_jax.generators import stylegan2
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # Pickle protocol 2, then torch's magic number.
 _GAIN = math.sqrt(2.0)
-_MAX_LAYERS = 2 * pggan.num_layers_for(1024)
+_MAX_LAYERS = 2 * progan.num_layers_for(1024)
 
 
 class _Tensors:
@@ -68,8 +69,11 @@ class _Tensors:
     value = self._state.pop(name)
     if shape is None and isinstance(value, np.ndarray):
       shape = (None,) * value.ndim
-    if (not isinstance(value, np.ndarray) or value.ndim != len(shape)
-        or any(s is not None and s != v for s, v in zip(shape, value.shape))):
+    if (
+      not isinstance(value, np.ndarray)
+      or value.ndim != len(shape)
+      or any(s is not None and s != v for s, v in zip(shape, value.shape))
+    ):
       got = list(value.shape) if isinstance(value, np.ndarray) else type(value).__name__
       want = ["*" if s is None else s for s in shape]
       raise ConversionError(f"tensor {name} has shape {got}, expected {want}")
@@ -87,8 +91,9 @@ class _Tensors:
   def finish(self) -> None:
     if self._state:
       extra = sorted(self._state)
-      raise ConversionError(f"{len(extra)} unexpected tensor(s) in the genforce "
-                            f"state dict, e.g. {extra[:3]}")
+      raise ConversionError(
+        f"{len(extra)} unexpected tensor(s) in the genforce state dict, e.g. {extra[:3]}"
+      )
 
 
 def _scaled(weight: np.ndarray, scale: float) -> np.ndarray:
@@ -115,16 +120,19 @@ def _fused_conv(weight: np.ndarray) -> np.ndarray:
 def _check_lod(sd: _Tensors, name: str) -> None:
   lod = float(sd.take(name, ()))  # A 0-d buffer.
   if lod != 0.0:
-    raise ConversionError(f"{name} is {lod}: only trained models "
-                          "(level of detail 0) can be converted")
+    raise ConversionError(
+      f"{name} is {lod}: only trained models (level of detail 0) can be converted"
+    )
 
 
 def _num_layers(sd: _Tensors, pattern: str) -> int:
   n = sd.count(pattern)
   resolution = 2 << (n // 2)
-  if n % 2 or resolution not in pggan.RESOLUTIONS:
-    raise ConversionError(f"{n} synthesis layers ({pattern.format('*')}) do not "
-                          "make a genforce generator of a supported resolution")
+  if n % 2 or resolution not in progan.RESOLUTIONS:
+    raise ConversionError(
+      f"{n} synthesis layers ({pattern.format('*')}) do not "
+      "make a genforce generator of a supported resolution"
+    )
   return n
 
 
@@ -139,8 +147,10 @@ def _to_rgb(sd: _Tensors, prefix: str, num_layers: int, c_last: int) -> dict:
     sd.take(f"{prefix}output{k}.bias", (None,))
   weight = sd.take(f"{prefix}output{blocks - 1}.weight", (None, c_last, 1, 1))
   channels = weight.shape[0]
-  return {"weight": _conv(weight, gain=1.0)[0, 0],
-          "bias": sd.take(f"{prefix}output{blocks - 1}.bias", (channels,))}
+  return {
+    "weight": _conv(weight, gain=1.0)[0, 0],
+    "bias": sd.take(f"{prefix}output{blocks - 1}.bias", (channels,)),
+  }
 
 
 def _pggan_fused_scale(state: dict, num_layers: int) -> bool:
@@ -149,8 +159,12 @@ def _pggan_fused_scale(state: dict, num_layers: int) -> bool:
   votes = set()
   for i in range(2, num_layers, 2):
     weight, bias = state.get(f"layer{i}.weight"), state.get(f"layer{i}.bias")
-    if not (isinstance(weight, np.ndarray) and isinstance(bias, np.ndarray)
-            and weight.ndim == 4 and bias.ndim == 1):
+    if not (
+      isinstance(weight, np.ndarray)
+      and isinstance(bias, np.ndarray)
+      and weight.ndim == 4
+      and bias.ndim == 1
+    ):
       continue  # `take` reports it.
     if weight.shape[0] != weight.shape[1]:
       votes.add(weight.shape[1] == bias.shape[0])
@@ -159,8 +173,7 @@ def _pggan_fused_scale(state: dict, num_layers: int) -> bool:
   return votes.pop() if votes else False
 
 
-def _convert_pggan(state: dict, fused_scale: bool | None,
-                   final_tanh: bool) -> tuple[dict, dict]:
+def _convert_pggan(state: dict, fused_scale: bool | None, final_tanh: bool) -> tuple[dict, dict]:
   sd = _Tensors(state)
   num_layers = _num_layers(sd, "layer{}.weight")
   if fused_scale is None:
@@ -170,8 +183,9 @@ def _convert_pggan(state: dict, fused_scale: bool | None,
   c, z_dim = weight.shape[:2]
   # A 4x4 conv with padding 3 of a 1x1 input: output pixel (i, j) meets the
   # kernel tap (3 - i, 3 - j), so the dense kernel is the flipped conv kernel.
-  params = {"layer0": {"weight": _conv(weight)[::-1, ::-1].copy(),
-                       "bias": sd.take("layer0.bias", (c,))}}
+  params = {
+    "layer0": {"weight": _conv(weight)[::-1, ::-1].copy(), "bias": sd.take("layer0.bias", (c,))}
+  }
   for i in range(1, num_layers):
     bias = sd.take(f"layer{i}.bias", (None,))
     if i % 2 == 0 and fused_scale:
@@ -182,19 +196,25 @@ def _convert_pggan(state: dict, fused_scale: bool | None,
     c = bias.shape[0]
   params["torgb"] = _to_rgb(sd, "", num_layers, c)
   sd.finish()
-  config = {"resolution": 2 << (num_layers // 2), "z_dim": int(z_dim),
-            "image_channels": int(params["torgb"]["bias"].shape[0]),
-            "fused_scale": bool(fused_scale), "final_tanh": bool(final_tanh)}
+  config = {
+    "resolution": 2 << (num_layers // 2),
+    "z_dim": int(z_dim),
+    "image_channels": int(params["torgb"]["bias"].shape[0]),
+    "fused_scale": bool(fused_scale),
+    "final_tanh": bool(final_tanh),
+  }
   return config, params
 
 
-def _mapping(sd: _Tensors, gain: float,
-             lr_mul: float) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+def _mapping(
+  sd: _Tensors, gain: float, lr_mul: float
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
   """The mapping's dense layers `[(weight [in, out], bias [out])]` with
   `gain / sqrt(in) * lr_mul` and `lr_mul` folded in, and `w_avg [w_dim]`."""
   if sd.has("mapping.label_weight"):
-    raise ConversionError("conditional genforce generators (mapping.label_weight) "
-                          "are not supported")
+    raise ConversionError(
+      "conditional genforce generators (mapping.label_weight) are not supported"
+    )
   n = sd.count("mapping.dense{}.weight")
   if n == 0:
     raise ConversionError("missing tensor mapping.dense0.weight [out, in]")
@@ -202,28 +222,37 @@ def _mapping(sd: _Tensors, gain: float,
   for i in range(n):
     weight = sd.take(f"mapping.dense{i}.weight", (None, c))
     c_out, c_in = weight.shape
-    dense.append((_scaled(weight.T, gain / math.sqrt(c_in) * lr_mul),
-                  _scaled(sd.take(f"mapping.dense{i}.bias", (c_out,)), lr_mul)))
+    dense.append(
+      (
+        _scaled(weight.T, gain / math.sqrt(c_in) * lr_mul),
+        _scaled(sd.take(f"mapping.dense{i}.bias", (c_out,)), lr_mul),
+      )
+    )
     c = c_out
   w_avg = sd.take("truncation.w_avg", (None,))
   if w_avg.shape != (c,):
-    raise ConversionError(f"truncation.w_avg has {w_avg.shape[0]} entries, expected "
-                          f"w_dim = {c} (repeat_w=False is not supported)")
+    raise ConversionError(
+      f"truncation.w_avg has {w_avg.shape[0]} entries, expected "
+      f"w_dim = {c} (repeat_w=False is not supported)"
+    )
   return dense, w_avg
 
 
-def _convert_stylegan(state: dict, fused_scale: bool | str, final_tanh: bool,
-                      mapping_lr_mul: float) -> tuple[dict, dict]:
+def _convert_stylegan(
+  state: dict, fused_scale: bool | str, final_tanh: bool, mapping_lr_mul: float
+) -> tuple[dict, dict]:
   sd = _Tensors(state)
   if sd.has("synthesis.layer0.weight"):
-    raise ConversionError("genforce StyleGAN without a constant input "
-                          "(const_input=False) is not supported")
+    raise ConversionError(
+      "genforce StyleGAN without a constant input (const_input=False) is not supported"
+    )
   dense, w_avg = _mapping(sd, _GAIN, mapping_lr_mul)
   mapping = {f"dense{i}": {"weight": w, "bias": b} for i, (w, b) in enumerate(dense)}
   z_dim, w_dim = dense[0][0].shape[0], w_avg.shape[0]
   _check_lod(sd, "synthesis.lod")
   num_layers = _num_layers(sd, "synthesis.layer{}.bias")
   params = {"mapping": mapping, "w_avg": w_avg}
+  c = None  # Layer 0 (the constant) sets it before any conv reads it.
   for i in range(num_layers):
     name, res = f"synthesis.layer{i}", 4 << (i // 2)
     bias = sd.take(f"{name}.bias", (None,))
@@ -234,32 +263,39 @@ def _convert_stylegan(state: dict, fused_scale: bool | str, final_tanh: bool,
       layer["const"] = np.ascontiguousarray(np.transpose(const, (0, 2, 3, 1)))
     else:
       weight = sd.take(f"{name}.weight", (c_out, c, 3, 3))
-      if i % 2 == 0 and stylegan.uses_fused_scale(fused_scale, res):
+      if i % 2 == 0 and stylegan1.uses_fused_scale(fused_scale, res):
         # genforce permutes `[out, in]` to the transposed conv's `[in, out]`.
         layer["weight"] = _fused_conv(np.transpose(weight, (1, 0, 2, 3)))
       else:
         layer["weight"] = _conv(weight)
     if i > 0 and i % 2 == 0:
       blur = sd.take(f"{name}.blur.kernel", (c_out, 1, 3, 3))
-      if not np.allclose(blur, stylegan.BLUR_FILTER[None, None], rtol=0, atol=1e-7):
+      if not np.allclose(blur, stylegan1.BLUR_FILTER[None, None], rtol=0, atol=1e-7):
         raise ConversionError(f"{name}.blur.kernel is not the [1, 2, 1] blur filter")
     noise = sd.take(f"{name}.apply_noise.noise", (1, None, res, res))
     if noise.shape[1] != 1:
-      raise ConversionError(f"{name}.apply_noise.noise is per channel: only "
-                            "noise_type='spatial' is supported")
+      raise ConversionError(
+        f"{name}.apply_noise.noise is per channel: only noise_type='spatial' is supported"
+      )
     layer["noise"] = np.ascontiguousarray(np.transpose(noise, (0, 2, 3, 1)))
     layer["noise_strength"] = sd.take(f"{name}.apply_noise.weight", (c_out,))
     style = sd.take(f"{name}.style.weight", (2 * c_out, w_dim))
-    layer["style"] = {"weight": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
-                      "bias": sd.take(f"{name}.style.bias", (2 * c_out,))}
+    layer["style"] = {
+      "weight": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
+      "bias": sd.take(f"{name}.style.bias", (2 * c_out,)),
+    }
     params[f"layer{i}"] = layer
     c = c_out
   params["torgb"] = _to_rgb(sd, "synthesis.", num_layers, c)
   sd.finish()
-  config = {"resolution": 2 << (num_layers // 2), "z_dim": int(z_dim),
-            "w_dim": int(w_dim),
-            "image_channels": int(params["torgb"]["bias"].shape[0]),
-            "fused_scale": fused_scale, "final_tanh": bool(final_tanh)}
+  config = {
+    "resolution": 2 << (num_layers // 2),
+    "z_dim": int(z_dim),
+    "w_dim": int(w_dim),
+    "image_channels": int(params["torgb"]["bias"].shape[0]),
+    "fused_scale": fused_scale,
+    "final_tanh": bool(final_tanh),
+  }
   return config, params
 
 
@@ -272,8 +308,9 @@ def _sg2_filter(sd: _Tensors, name: str) -> None:
     raise ConversionError(f"{name} is not the [1, 3, 3, 1] upsampling filter")
 
 
-def _sg2_modconv(sd: _Tensors, name: str, c_in: int | None, w_dim: int, k: int,
-                 up: bool = False) -> dict:
+def _sg2_modconv(
+  sd: _Tensors, name: str, c_in: int | None, w_dim: int, k: int, up: bool = False
+) -> dict:
   """A ModulateConvBlock -> `stylegan2` params (`affine`, `weight [k, k, i, o]`, `bias`).
 
   genforce scales the weight by `1 / sqrt(fan_in)`; for the convs we fold it in
@@ -286,8 +323,10 @@ def _sg2_modconv(sd: _Tensors, name: str, c_in: int | None, w_dim: int, k: int,
     weight = weight[:, :, ::-1, ::-1]
   c_out, c_in = weight.shape[:2]
   style = sd.take(f"{name}.style.weight", (c_in, w_dim))
-  affine = {"kernel": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
-            "bias": sd.take(f"{name}.style.bias", (c_in,)) + 1.0}
+  affine = {
+    "kernel": _scaled(style.T, 1.0 / math.sqrt(w_dim)),
+    "bias": sd.take(f"{name}.style.bias", (c_in,)) + 1.0,
+  }
   if k == 1:  # ToRGB.
     gain = 1.0 / math.sqrt(c_in)
     affine = {key: _scaled(value, gain) for key, value in affine.items()}
@@ -297,21 +336,22 @@ def _sg2_modconv(sd: _Tensors, name: str, c_in: int | None, w_dim: int, k: int,
   return {"affine": affine, "weight": weight, "bias": sd.take(f"{name}.bias", (c_out,))}
 
 
-def _convert_stylegan2(state: dict, final_tanh: bool,
-                       mapping_lr_mul: float) -> tuple[dict, dict]:
+def _convert_stylegan2(state: dict, final_tanh: bool, mapping_lr_mul: float) -> tuple[dict, dict]:
   if final_tanh:
     raise ConversionError("genforce StyleGAN2 with final_tanh=True is not supported")
   sd = _Tensors(state)
   if sd.has("synthesis.early_layer.weight"):
-    raise ConversionError("genforce StyleGAN2 without a constant input "
-                          "(const_input=False) is not supported")
+    raise ConversionError(
+      "genforce StyleGAN2 without a constant input (const_input=False) is not supported"
+    )
   dense, w_avg = _mapping(sd, 1.0, mapping_lr_mul)
   z_dim, w_dim = dense[0][0].shape[0], w_avg.shape[0]
   num_convs = sd.count("synthesis.layer{}.weight")
   blocks = (num_convs + 1) // 2
   if num_convs % 2 == 0 or not 1 <= blocks <= 11:
-    raise ConversionError(f"{num_convs} modulated conv layers (synthesis.layer*) do "
-                          "not make a genforce StyleGAN2")
+    raise ConversionError(
+      f"{num_convs} modulated conv layers (synthesis.layer*) do not make a genforce StyleGAN2"
+    )
   const = sd.take("synthesis.early_layer.const", (1, None, 4, 4))
   syn = {"const": np.ascontiguousarray(np.transpose(const[0], (1, 2, 0)))}
   channels, c = [], const.shape[1]
@@ -330,17 +370,23 @@ def _convert_stylegan2(state: dict, final_tanh: bool,
   if skip:
     _sg2_filter(sd, "synthesis.upsample.kernel")
   for k in range(blocks) if skip else [blocks - 1]:
-    syn[f"torgbs_{k if skip else 0}"] = _sg2_modconv(sd, f"synthesis.output{k}",
-                                                     channels[k], w_dim, 1)
+    syn[f"torgbs_{k if skip else 0}"] = _sg2_modconv(
+      sd, f"synthesis.output{k}", channels[k], w_dim, 1
+    )
   sd.finish()
   mapping = {f"fcs_{i}": {"kernel": w, "bias": b} for i, (w, b) in enumerate(dense)}
-  config = {"z_dim": int(z_dim), "c_dim": 0, "w_dim": int(w_dim),
-            "img_resolution": 4 << (blocks - 1),
-            "img_channels": int(syn["torgbs_0"]["bias"].shape[0]),
-            "channels": channels, "mapping_layers": len(dense),
-            "mapping_features": int(dense[0][0].shape[1]) if len(dense) > 1 else None,
-            "architecture": "skip" if skip else "orig",
-            "source": {"format": "genforce-pth", "mapping_lr_mul": mapping_lr_mul}}
+  config = {
+    "z_dim": int(z_dim),
+    "c_dim": 0,
+    "w_dim": int(w_dim),
+    "img_resolution": 4 << (blocks - 1),
+    "img_channels": int(syn["torgbs_0"]["bias"].shape[0]),
+    "channels": channels,
+    "mapping_layers": len(dense),
+    "mapping_features": int(dense[0][0].shape[1]) if len(dense) > 1 else None,
+    "architecture": "skip" if skip else "orig",
+    "source": {"format": "genforce-pth", "mapping_lr_mul": mapping_lr_mul},
+  }
   return config, {"mapping": {**mapping, "w_avg": w_avg}, "synthesis": syn}
 
 
@@ -352,8 +398,11 @@ def state_dict(obj) -> dict | None:
       if isinstance(obj.get(key), dict):
         obj = obj[key]
         break
-  if (isinstance(obj, dict) and obj
-      and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())):
+  if (
+    isinstance(obj, dict)
+    and obj
+    and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items())
+  ):
     return obj
   return None
 
@@ -361,17 +410,21 @@ def state_dict(obj) -> dict | None:
 def kind(state: dict) -> str | None:
   """The architecture ("pggan", "stylegan", "stylegan2" or None) from the parameter names."""
   if "lod" in state and "layer0.weight" in state:
-    return pggan.PGGANGenerator.arch
+    return progan.ProGAN.arch
   if "truncation.w_avg" in state and "synthesis.layer0.apply_noise.noise" in state:
-    return stylegan.StyleGANGenerator.arch
+    return stylegan1.StyleGAN.arch
   if "truncation.w_avg" in state and "synthesis.early_layer.const" in state:
     return stylegan2.StyleGAN2.arch
   return None
 
 
-def convert_state_dict(state: dict, *, fused_scale: bool | str | None = None,
-                       final_tanh: bool = False,
-                       mapping_lr_mul: float = 0.01) -> tuple[str, dict, dict]:
+def convert_state_dict(
+  state: dict,
+  *,
+  fused_scale: bool | str | None = None,
+  final_tanh: bool = False,
+  mapping_lr_mul: float = 0.01,
+) -> tuple[str, dict, dict]:
   """`(arch, config, params)` of a genforce ProGAN, StyleGAN or StyleGAN2 state dict.
 
   Args:
@@ -383,24 +436,23 @@ def convert_state_dict(state: dict, *, fused_scale: bool | str | None = None,
     mapping_lr_mul: the StyleGANs' mapping learning-rate multiplier.
   """
   arch = kind(state)
-  if arch == pggan.PGGANGenerator.arch:
+  if arch == progan.ProGAN.arch:
     if fused_scale not in (None, True, False):
       raise ConversionError(f"ProGAN fused_scale must be a bool, got {fused_scale!r}")
     config, params = _convert_pggan(state, fused_scale, final_tanh)
-  elif arch == stylegan.StyleGANGenerator.arch:
+  elif arch == stylegan1.StyleGAN.arch:
     fused_scale = "auto" if fused_scale is None else fused_scale
     if fused_scale not in (True, False, "auto"):
-      raise ConversionError(f"StyleGAN fused_scale must be True, False or 'auto', "
-                            f"got {fused_scale!r}")
-    config, params = _convert_stylegan(state, fused_scale, final_tanh,
-                                       float(mapping_lr_mul))
+      raise ConversionError(
+        f"StyleGAN fused_scale must be True, False or 'auto', got {fused_scale!r}"
+      )
+    config, params = _convert_stylegan(state, fused_scale, final_tanh, float(mapping_lr_mul))
   elif arch == stylegan2.StyleGAN2.arch:
     if fused_scale is not None:
       raise ConversionError("genforce StyleGAN2 has no fused_scale option")
     config, params = _convert_stylegan2(state, final_tanh, float(mapping_lr_mul))
   else:
-    raise ConversionError("not a genforce ProGAN, StyleGAN or StyleGAN2 generator "
-                          "state dict")
+    raise ConversionError("not a genforce ProGAN, StyleGAN or StyleGAN2 generator state dict")
   return arch, config, params
 
 

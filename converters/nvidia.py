@@ -5,6 +5,7 @@ networks `safe_pickle` reads as `Record`s: `state["_parameters"]`,
 `state["_buffers"]` (numpy arrays), `state["_modules"]` (child Records) and
 plain attributes (`z_dim`, `_init_kwargs`, ...).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -111,4 +112,5 @@ def jsonable(x: Any, limit: int = 10_000) -> Any:
     if isinstance(x, float):
       return x if np.isfinite(x) else str(x)
     return repr(x)[:200]
+
   return walk(x)

@@ -28,6 +28,7 @@ writes them (no zip bombs).
 Tensors come out as C-contiguous numpy arrays in native byte order (bfloat16 as
 `ml_dtypes.bfloat16`); containers as dicts, lists, tuples and sets.
 """
+
 from __future__ import annotations
 
 import _compat_pickle
@@ -58,11 +59,18 @@ _LEGACY_PREFIX = b"\x80\x02\x8a\x0a" + _TORCH_MAGIC.to_bytes(10, "little")
 _LEGACY_PROTOCOL = 1001
 
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32,
-    "HalfStorage": np.float16, "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-    "ComplexFloatStorage": np.complex64, "ComplexDoubleStorage": np.complex128,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
+  "ComplexFloatStorage": np.complex64,
+  "ComplexDoubleStorage": np.complex128,
 }
 _NUMPY_DTYPE = re.compile(r"^[<>|=]?(\?|b1|[iu][1248]|f[248]|c(8|16))$")
 
@@ -76,6 +84,7 @@ class Record:
   the module's `__dict__` (`_parameters`, `_buffers`, `_modules`, plain
   attributes such as `_init_kwargs`), with tensors as numpy arrays.
   """
+
   module: str
   class_name: str
   state: Any
@@ -83,6 +92,7 @@ class Record:
 
 class _NoBuild:
   """Refuses pickle's BUILD opcode (which would set attributes after the checks)."""
+
   __slots__ = ()
 
   def __setstate__(self, state):
@@ -91,6 +101,7 @@ class _NoBuild:
 
 class _Global(_NoBuild):
   """An allowlisted function, fresh per load: BUILD cannot change its defaults."""
+
   __slots__ = ("fn",)
 
   def __init__(self, fn: Callable):
@@ -119,13 +130,15 @@ class _Budget:
   def take(self, nbytes: int, what: str) -> None:
     if nbytes > self.left:
       raise ConversionError(
-          f"{what} would expand to {nbytes} bytes, more than the file stores "
-          "(overlapping views or a decompression bomb?)")
+        f"{what} would expand to {nbytes} bytes, more than the file stores "
+        "(overlapping views or a decompression bomb?)"
+      )
     self.left -= nbytes
 
 
 class _Storage(_NoBuild):
   """A typed storage: `numel` elements of `dtype`, bytes filled in when read."""
+
   __slots__ = ("dtype", "numel", "array")
 
   def __init__(self, dtype, numel: int):
@@ -136,14 +149,15 @@ class _Storage(_NoBuild):
   def fill(self, data: bytes, big_endian: bool = False) -> None:
     if len(data) != self.numel * self.dtype.itemsize:
       raise ConversionError(
-          f"storage holds {len(data)} bytes, expected "
-          f"{self.numel} x {self.dtype.itemsize}")
+        f"storage holds {len(data)} bytes, expected {self.numel} x {self.dtype.itemsize}"
+      )
     dtype = self.dtype.newbyteorder(">") if big_endian else self.dtype
     self.array = np.frombuffer(data, dtype).astype(self.dtype)
 
 
 class _Tensor(_NoBuild):
   """A strided view of a storage, materialised once all storages are read."""
+
   __slots__ = ("storage", "offset", "size", "stride")
 
   def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
@@ -159,16 +173,21 @@ class _Tensor(_NoBuild):
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if last >= st.numel:
       raise ConversionError(
-          f"tensor of size {self.size} reads past its storage of {st.numel} elements")
+        f"tensor of size {self.size} reads past its storage of {st.numel} elements"
+      )
     item = st.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        st.array[self.offset:], shape=self.size,
-        strides=[s * item for s in self.stride], writeable=False)
+      st.array[self.offset :],
+      shape=self.size,
+      strides=[s * item for s in self.stride],
+      writeable=False,
+    )
     return view.copy()  # C order; unlike `np.ascontiguousarray`, keeps 0-d as 0-d.
 
 
 class _ArrayBuilder:
   """`numpy.core.multiarray._reconstruct` stand-in; `__setstate__` gets the data."""
+
   __slots__ = ("array",)
 
   def __init__(self):
@@ -205,8 +224,9 @@ def _check_int(x, what: str) -> int:
   return int(x)
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None) -> _Tensor:
+def _rebuild_tensor(
+  storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+) -> _Tensor:
   del requires_grad, backward_hooks, metadata  # Training-time details.
   if not isinstance(storage, _Storage):
     raise ConversionError("a tensor is rebuilt from something that is not a storage")
@@ -225,8 +245,11 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=Non
 
 
 def _reconstruct_persistent_obj(meta) -> Record:
-  if not (isinstance(meta, dict) and meta.get("type") == "class"
-          and isinstance(meta.get("class_name"), str)):
+  if not (
+    isinstance(meta, dict)
+    and meta.get("type") == "class"
+    and isinstance(meta.get("class_name"), str)
+  ):
     raise ConversionError("malformed persistent object (expected type='class')")
   state = meta.get("state")
   if not isinstance(state, dict):
@@ -245,16 +268,23 @@ class _DType:
 
   def __setstate__(self, state):
     # numpy's dtype state: (version, byteorder, subarray, names, fields, ...).
-    if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("<", ">", "=", "|")
-            and state[2:5] == (None, None, None)):
+    if not (
+      isinstance(state, tuple)
+      and len(state) >= 5
+      and state[1] in ("<", ">", "=", "|")
+      and state[2:5] == (None, None, None)
+    ):
       raise ConversionError("numpy dtype state of a structured or odd dtype")
     if state[1] in ("<", ">"):
       self.dtype = self.dtype.newbyteorder(state[1])
 
 
 def _numpy_scalar(dtype, data=None):
-  if not isinstance(dtype, _DType) or not isinstance(data, bytes) or (
-      len(data) != dtype.dtype.itemsize):
+  if (
+    not isinstance(dtype, _DType)
+    or not isinstance(data, bytes)
+    or (len(data) != dtype.dtype.itemsize)
+  ):
     raise ConversionError("malformed numpy scalar in pickle")
   return np.frombuffer(data, dtype.dtype)[0].astype(dtype.dtype.newbyteorder("="))
 
@@ -275,19 +305,18 @@ def _numpy_reconstruct(cls, shape, dtype_code) -> _ArrayBuilder:
 
 def _allowlist(load_from_bytes: Callable | None) -> dict[tuple[str, str], Any]:
   allowed: dict[tuple[str, str], Any] = {
-      ("collections", "OrderedDict"): OrderedDict,
-      ("builtins", "set"): set,
-      ("builtins", "frozenset"): frozenset,
-      ("_codecs", "encode"): _codecs_encode,
-      ("torch", "Size"): tuple,
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-      ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-      ("torch_utils.persistence", "_reconstruct_persistent_obj"):
-          _reconstruct_persistent_obj,
-      ("dnnlib.util", "EasyDict"): _EasyDict,
-      ("numpy", "dtype"): _DType,
-      ("numpy", "ndarray"): _NDARRAY,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("_codecs", "encode"): _codecs_encode,
+    ("torch", "Size"): tuple,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("dnnlib.util", "EasyDict"): _EasyDict,
+    ("numpy", "dtype"): _DType,
+    ("numpy", "ndarray"): _NDARRAY,
   }
   for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     allowed[(mod, "scalar")] = _numpy_scalar
@@ -297,8 +326,10 @@ def _allowlist(load_from_bytes: Callable | None) -> dict[tuple[str, str], Any]:
     allowed[("torch.cuda", name)] = _StorageType(np.dtype(dtype))
   if load_from_bytes is not None:
     allowed[("torch.storage", "_load_from_bytes")] = load_from_bytes
-  return {k: _Global(v) if isinstance(v, types.FunctionType | types.MethodType) else v
-          for k, v in allowed.items()}
+  return {
+    k: _Global(v) if isinstance(v, types.FunctionType | types.MethodType) else v
+    for k, v in allowed.items()
+  }
 
 
 # Every global any supported format may name (frozen by the tests).
@@ -322,8 +353,9 @@ class _Unpickler(pickle.Unpickler):
     key = (module, name)
     if key not in self._allowed:
       raise ConversionError(
-          f"forbidden global {module}.{name} in pickle (only tensors and network "
-          "records are allowed; nothing was executed)")
+        f"forbidden global {module}.{name} in pickle (only tensors and network "
+        "records are allowed; nothing was executed)"
+      )
     if self._log is not None:
       self._log.add(f"{module}.{name}")
     return self._allowed[key]
@@ -335,8 +367,7 @@ class _Unpickler(pickle.Unpickler):
 
 
 def _storage_pid(pid, n_fields: int) -> tuple[_StorageType, str, int, Any]:
-  if not (isinstance(pid, tuple) and len(pid) == n_fields and pid[0] in (
-      "storage", b"storage")):
+  if not (isinstance(pid, tuple) and len(pid) == n_fields and pid[0] in ("storage", b"storage")):
     raise ConversionError(f"unsupported persistent id in torch file: {pid!r:.80}")
   stype, key, _, numel = pid[1:5]
   if not isinstance(stype, _StorageType):
@@ -408,17 +439,19 @@ class _Reader:
       declared = sum(info.file_size for info in zf.infolist())
       if declared > os.path.getsize(path):
         raise ConversionError(
-            f"zip members declare {declared} bytes, more than the archive holds: "
-            "compressed (zip bomb?); torch archives are stored uncompressed")
-      roots = [n[:-len("data.pkl")] for n in zf.namelist()
-               if n.endswith("data.pkl") and n.count("/") == 1]
+          f"zip members declare {declared} bytes, more than the archive holds: "
+          "compressed (zip bomb?); torch archives are stored uncompressed"
+        )
+      roots = [
+        n[: -len("data.pkl")] for n in zf.namelist() if n.endswith("data.pkl") and n.count("/") == 1
+      ]
       if len(roots) != 1:
-        raise ConversionError("zip archive without a single <root>/data.pkl: "
-                              "not a torch checkpoint")
+        raise ConversionError(
+          "zip archive without a single <root>/data.pkl: not a torch checkpoint"
+        )
       root = roots[0]
       names = set(zf.namelist())
-      big_endian = (f"{root}byteorder" in names
-                    and zf.read(f"{root}byteorder").strip() == b"big")
+      big_endian = f"{root}byteorder" in names and zf.read(f"{root}byteorder").strip() == b"big"
       storages: dict[str, _Storage] = {}
 
       def persistent(pid):
@@ -490,8 +523,9 @@ def loads(data: bytes, *, log: set | None = None) -> Any:
   return _read(data, None, log)
 
 
-def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES,
-         log: set | None = None) -> Any:
+def load(
+  path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES, log: set | None = None
+) -> Any:
   """Reads a torch zip, legacy torch file or (NVIDIA) pickle without executing it.
 
   Args:
@@ -524,8 +558,7 @@ def load(path: str | os.PathLike, *, max_bytes: int = MAX_FILE_BYTES,
   return _read(data, path, log)
 
 
-def _read(data: bytes | None, path: str | None, log: set | None,
-          max_bytes: int = MAX_FILE_BYTES):
+def _read(data: bytes | None, path: str | None, log: set | None, max_bytes: int = MAX_FILE_BYTES):
   where = f"{path}: " if path else ""
   reader = _Reader(log, max_bytes)
   try:
@@ -539,7 +572,8 @@ def _read(data: bytes | None, path: str | None, log: set | None,
       obj = reader.unpickle(io.BytesIO(data), nvidia=True)
     else:
       raise ConversionError(
-          f"not a pickle, torch zip or legacy torch file (starts with {data[:8]!r})")
+        f"not a pickle, torch zip or legacy torch file (starts with {data[:8]!r})"
+      )
     return _finish(obj, reader.budget)
   except ConversionError as e:
     raise ConversionError(f"{where}{e}") from None
@@ -548,10 +582,10 @@ def _read(data: bytes | None, path: str | None, log: set | None,
   except RecursionError:
     raise ConversionError(f"{where}pickle nests too deeply") from None
   except MemoryError:  # The C unpickler allocates a declared length before reading it.
-    raise ConversionError(f"{where}malformed checkpoint: declares an object larger "
-                          "than memory") from None
+    raise ConversionError(
+      f"{where}malformed checkpoint: declares an object larger than memory"
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
     # Only our stand-ins and the pickle machinery ran: any other failure means
     # a malformed file, reported in one line.
-    raise ConversionError(
-        f"{where}malformed checkpoint ({type(e).__name__}: {e})") from None
+    raise ConversionError(f"{where}malformed checkpoint ({type(e).__name__}: {e})") from None

@@ -8,6 +8,7 @@ Equalised-learning-rate gains (`weight_gain`, `bias_gain`, ToRGB's
 `weight_gain`) are folded into the stored weights; PyTorch's `[o, i, kh, kw]`
 kernels become `[kh, kw, i, o]`.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,10 +47,11 @@ def mapping(rec: Record, c_dim: int) -> tuple[dict, dict]:
     raise ConversionError("mapping network has no w_avg (w_avg_beta=None): cannot truncate")
   params["w_avg"] = nvidia.tensor(rec, "w_avg")
   config = {
-      "mapping_layers": n,
-      "mapping_features": int(params["fcs_0"]["kernel"].shape[1]) if n > 1 else None,
-      "mapping_activation": _same((nvidia.attr(fc, "activation") for fc in fcs),
-                                  "mapping activation"),
+    "mapping_layers": n,
+    "mapping_features": int(params["fcs_0"]["kernel"].shape[1]) if n > 1 else None,
+    "mapping_activation": _same(
+      (nvidia.attr(fc, "activation") for fc in fcs), "mapping activation"
+    ),
   }
   if c_dim > 0:
     params["embed"] = nvidia.dense(nvidia.child(rec, "embed"))
@@ -59,9 +61,11 @@ def mapping(rec: Record, c_dim: int) -> tuple[dict, dict]:
 
 def _layer(rec: Record) -> dict:
   """SynthesisLayer -> params."""
-  params = {"affine": nvidia.dense(nvidia.child(rec, "affine")),
-            "weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
-            "bias": nvidia.tensor(rec, "bias")}
+  params = {
+    "affine": nvidia.dense(nvidia.child(rec, "affine")),
+    "weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
+    "bias": nvidia.tensor(rec, "bias"),
+  }
   if nvidia.attr(rec, "use_noise"):
     params["noise_strength"] = nvidia.tensor(rec, "noise_strength")
     params["noise_const"] = nvidia.tensor(rec, "noise_const")
@@ -69,9 +73,11 @@ def _layer(rec: Record) -> dict:
 
 
 def _torgb(rec: Record) -> dict:
-  return {"affine": nvidia.dense(nvidia.child(rec, "affine"), nvidia.attr(rec, "weight_gain")),
-          "weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
-          "bias": nvidia.tensor(rec, "bias")}
+  return {
+    "affine": nvidia.dense(nvidia.child(rec, "affine"), nvidia.attr(rec, "weight_gain")),
+    "weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
+    "bias": nvidia.tensor(rec, "bias"),
+  }
 
 
 def _synthesis(syn: Record, resolution: int) -> tuple[dict, dict]:
@@ -81,8 +87,9 @@ def _synthesis(syn: Record, resolution: int) -> tuple[dict, dict]:
   blocks = [nvidia.child(syn, f"b{r}") for r in resolutions]
   arch = _same((nvidia.attr(b, "architecture") for b in blocks), "architecture")
   if arch not in ("skip", "orig"):
-    raise ConversionError(f"unsupported StyleGAN2 generator architecture {arch!r} "
-                          "(supported: 'skip', 'orig')")
+    raise ConversionError(
+      f"unsupported StyleGAN2 generator architecture {arch!r} (supported: 'skip', 'orig')"
+    )
   convs, torgbs = [], []
   for k, block in enumerate(blocks):
     if k > 0:
@@ -98,23 +105,25 @@ def _synthesis(syn: Record, resolution: int) -> tuple[dict, dict]:
   if f.ndim != 2 or any(g.shape != f.shape or not np.array_equal(g, f) for g in filters):
     raise ConversionError("unsupported StyleGAN2 options: resample filters differ")
   kernel = _same((nvidia.tensor(m, "weight").shape[2:] for m in convs), "kernel size")
-  if kernel[0] != kernel[1] or kernel[0] % 2 != 1 or any(
-      nvidia.attr(m, "padding") != kernel[0] // 2 for m in convs):
+  if (
+    kernel[0] != kernel[1]
+    or kernel[0] % 2 != 1
+    or any(nvidia.attr(m, "padding") != kernel[0] // 2 for m in convs)
+  ):
     raise ConversionError(f"unsupported StyleGAN2 kernel size {kernel}")
   clamp = _same((nvidia.attr(m, "conv_clamp") for m in convs + torgbs), "conv_clamp")
   params = {"const": nvidia.tensor(blocks[0], "const").transpose(1, 2, 0)}
   params.update({f"convs_{i}": _layer(m) for i, m in enumerate(convs)})
   params.update({f"torgbs_{j}": _torgb(m) for j, m in enumerate(torgbs)})
   config = {
-      "channels": [int(nvidia.tensor(nvidia.child(b, "conv1"), "bias").shape[0])
-                   for b in blocks],
-      "activation": _same((nvidia.attr(m, "activation") for m in convs), "activation"),
-      "kernel_size": int(kernel[0]),
-      "use_noise": bool(_same((nvidia.attr(m, "use_noise") for m in convs), "use_noise")),
-      "conv_clamp": None if clamp is None else float(clamp),
-      "architecture": arch,
-      "resample_filter": f.tolist(),
-      "num_fp16_res": int(nvidia.attr(syn, "num_fp16_res", 0)),
+    "channels": [int(nvidia.tensor(nvidia.child(b, "conv1"), "bias").shape[0]) for b in blocks],
+    "activation": _same((nvidia.attr(m, "activation") for m in convs), "activation"),
+    "kernel_size": int(kernel[0]),
+    "use_noise": bool(_same((nvidia.attr(m, "use_noise") for m in convs), "use_noise")),
+    "conv_clamp": None if clamp is None else float(clamp),
+    "architecture": arch,
+    "resample_filter": f.tolist(),
+    "num_fp16_res": int(nvidia.attr(syn, "num_fp16_res", 0)),
   }
   return config, params
 
@@ -122,8 +131,9 @@ def _synthesis(syn: Record, resolution: int) -> tuple[dict, dict]:
 def convert(source: Source) -> tuple[str, dict, dict]:
   """`G_ema` of a StyleGAN2(-ADA) snapshot -> `("stylegan2", config, params)`."""
   g = nvidia.g_ema(source)
-  config = {k: int(nvidia.attr(g, k)) for k in
-            ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")}
+  config = {
+    k: int(nvidia.attr(g, k)) for k in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
+  }
   syn_config, syn_params = _synthesis(nvidia.child(g, "synthesis"), config["img_resolution"])
   map_config, map_params = mapping(nvidia.child(g, "mapping"), config["c_dim"])
   for act in (syn_config["activation"], map_config["mapping_activation"]):
@@ -134,6 +144,8 @@ def convert(source: Source) -> tuple[str, dict, dict]:
     raise ConversionError(f"unexpected num_ws {num_ws}")
   config.update(syn_config)
   config.update(map_config)
-  config["source"] = {"format": "nvidia-network-pickle",
-                      "init_kwargs": nvidia.jsonable(nvidia.attr(g, "_init_kwargs", {}))}
+  config["source"] = {
+    "format": "nvidia-network-pickle",
+    "init_kwargs": nvidia.jsonable(nvidia.attr(g, "_init_kwargs", {})),
+  }
   return ARCH, config, {"mapping": map_params, "synthesis": syn_params}

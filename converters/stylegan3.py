@@ -10,6 +10,7 @@ stored transposed. The `up_filter`/`down_filter` buffers (absent for ToRGB),
 `magnitude_ema` and the input's `transform`, `freqs` and `phases` are kept.
 The mapping network is StyleGAN2's and converted by `converters.stylegan2.mapping`.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def sniff(source: Source) -> bool:
 def _affine(rec: Record) -> dict:
   """A linear FullyConnectedLayer: `{kernel [in, out], bias [out]}`, gains folded in."""
   if nvidia.attr(rec, "activation") != "linear":
-    raise ConversionError(f"StyleGAN3 affine layers must be linear, got "
-                          f"{nvidia.attr(rec, 'activation')!r}")
+    raise ConversionError(
+      f"StyleGAN3 affine layers must be linear, got {nvidia.attr(rec, 'activation')!r}"
+    )
   return nvidia.dense(rec)
 
 
@@ -55,9 +57,12 @@ def _ints(rec: Record, name: str) -> list[int]:
 def _input(rec: Record) -> tuple[dict, dict]:
   """SynthesisInput -> (config, params)."""
   channels = int(_number(rec, "channels"))
-  config = {"channels": channels, "size": _ints(rec, "size"),
-            "sampling_rate": _number(rec, "sampling_rate"),
-            "bandwidth": _number(rec, "bandwidth")}
+  config = {
+    "channels": channels,
+    "size": _ints(rec, "size"),
+    "sampling_rate": _number(rec, "sampling_rate"),
+    "bandwidth": _number(rec, "bandwidth"),
+  }
   weight = nvidia.tensor(rec, "weight") / np.float32(math.sqrt(channels))
   params = {"weight": weight.T, "affine": _affine(nvidia.child(rec, "affine"))}
   params.update({k: nvidia.tensor(rec, k) for k in ("transform", "freqs", "phases")})
@@ -67,16 +72,21 @@ def _input(rec: Record) -> tuple[dict, dict]:
 def _layer(name: str, rec: Record) -> tuple[dict, dict]:
   """SynthesisLayer (or the ToRGB layer) -> (config, params)."""
   clamp = nvidia.attr(rec, "conv_clamp")
-  config = {"name": name, "is_torgb": bool(nvidia.attr(rec, "is_torgb")),
-            "conv_clamp": None if clamp is None else _number(rec, "conv_clamp")}
+  config = {
+    "name": name,
+    "is_torgb": bool(nvidia.attr(rec, "is_torgb")),
+    "conv_clamp": None if clamp is None else _number(rec, "conv_clamp"),
+  }
   for key in ("in_channels", "out_channels", "conv_kernel", "up_factor", "down_factor"):
     config[key] = int(_number(rec, key))
   for key in ("in_size", "out_size", "padding"):
     config[key] = _ints(rec, key)
-  params = {"weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
-            "bias": nvidia.tensor(rec, "bias"),
-            "magnitude_ema": nvidia.tensor(rec, "magnitude_ema"),
-            "affine": _affine(nvidia.child(rec, "affine"))}
+  params = {
+    "weight": nvidia.tensor(rec, "weight").transpose(2, 3, 1, 0),
+    "bias": nvidia.tensor(rec, "bias"),
+    "magnitude_ema": nvidia.tensor(rec, "magnitude_ema"),
+    "affine": _affine(nvidia.child(rec, "affine")),
+  }
   for key in ("up_filter", "down_filter"):
     if rec.state.get("_buffers", {}).get(key) is not None:  # None = identity.
       params[key] = nvidia.tensor(rec, key)
@@ -87,8 +97,9 @@ def convert(source: Source) -> tuple[str, dict, dict]:
   """`G_ema` of a StyleGAN3 snapshot -> `("stylegan3", config, params)`."""
   g = nvidia.g_ema(source)
   syn = nvidia.child(g, "synthesis")
-  config = {k: int(nvidia.attr(g, k)) for k in
-            ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")}
+  config = {
+    k: int(nvidia.attr(g, k)) for k in ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels")
+  }
   input_config, input_params = _input(nvidia.child(syn, "input"))
   names = nvidia.attr(syn, "layer_names")
   if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
@@ -97,12 +108,20 @@ def convert(source: Source) -> tuple[str, dict, dict]:
   num_ws = int(nvidia.attr(g, "num_ws"))
   if num_ws != len(names) + 1:
     raise ConversionError(f"unexpected num_ws {num_ws} for {len(names)} layers")
-  mapping_config, mapping_params = stylegan2.mapping(nvidia.child(g, "mapping"),
-                                                     config["c_dim"])
-  config.update(input=input_config, layers=[c for c, _ in layers],
-                output_scale=_number(syn, "output_scale"), mapping=mapping_config,
-                source={"format": "nvidia-network-pickle",
-                        "init_kwargs": nvidia.jsonable(nvidia.attr(g, "_init_kwargs", {}))})
-  params = {"mapping": mapping_params, "input": input_params,
-            "layers": {name: p for name, (_, p) in zip(names, layers)}}
+  mapping_config, mapping_params = stylegan2.mapping(nvidia.child(g, "mapping"), config["c_dim"])
+  config.update(
+    input=input_config,
+    layers=[c for c, _ in layers],
+    output_scale=_number(syn, "output_scale"),
+    mapping=mapping_config,
+    source={
+      "format": "nvidia-network-pickle",
+      "init_kwargs": nvidia.jsonable(nvidia.attr(g, "_init_kwargs", {})),
+    },
+  )
+  params = {
+    "mapping": mapping_params,
+    "input": input_params,
+    "layers": {name: p for name, (_, p) in zip(names, layers)},
+  }
   return ARCH, config, params

@@ -45,6 +45,7 @@ start (compiled beforehand) and as `pj.fit` from nothing (its k-means start,
 initialisation and compilation included). Losses are float64 residuals of the
 final factors. Without torch: JAX rows only.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -105,12 +106,15 @@ def torch_official_step(z, a, p, lr: float):
   the A block at the new P.
   """
   import torch  # pylint: disable=import-outside-toplevel
+
   zt = z.transpose(1, 2)
   g = -4 * (zt @ a @ a.T @ z @ p) + 2 * (
-      p @ p.T @ zt @ a @ a.T @ a @ a.T @ z @ p + zt @ a @ a.T @ a @ a.T @ z @ p @ p.T @ p)
+    p @ p.T @ zt @ a @ a.T @ a @ a.T @ z @ p + zt @ a @ a.T @ a @ a.T @ z @ p @ p.T @ p
+  )
   p = torch.clamp_min(p - lr * g.sum(0), 0)
   g = -4 * (z @ p @ p.T @ zt @ a) + 2 * (
-      a @ a.T @ z @ p @ p.T @ p @ p.T @ zt @ a + z @ p @ p.T @ p @ p.T @ zt @ a @ a.T @ a)
+    a @ a.T @ z @ p @ p.T @ p @ p.T @ zt @ a + z @ p @ p.T @ p @ p.T @ zt @ a @ a.T @ a
+  )
   return a - lr * g.sum(0), p
 
 
@@ -124,22 +128,25 @@ def torch_ours_step(z, a, p, lr: float):
   Returns `(a, p)` as `torch_official_step`.
   """
   import torch  # pylint: disable=import-outside-toplevel
+
   n, c, s = z.shape
   flat = z.reshape(n * c, s)
   project = lambda parts: (parts.T.contiguous() @ flat.T).T.reshape(n, c, -1)  # Z P [n, c, r_s]
   m = project(p)
-  dec = torch.einsum("cr,nrq->ncq", a, torch.einsum("cr,ncq->nrq", a, m))   # B_i = A A^T M_i
+  dec = torch.einsum("cr,nrq->ncq", a, torch.einsum("cr,ncq->nrq", a, m))  # B_i = A A^T M_i
   d = torch.einsum("cr,nrq->ncq", a, torch.einsum("cr,ncq->nrq", a, dec)) @ (p.T @ p) - 2 * dec
-  ztd = (d.reshape(n * c, -1).T @ flat).T                            # sum_i Z_i^T D_i  [s, r_s]
+  ztd = (d.reshape(n * c, -1).T @ flat).T  # sum_i Z_i^T D_i  [s, r_s]
   p = torch.clamp_min(p - lr * 2 * (p @ torch.einsum("ncq,ncu->qu", dec, dec) + ztd), 0)
   m = project(p)
   gram = p.T @ p
-  lam = torch.einsum("cr,ncq->nrq", a, m)                            # [n, r_c, r_s]
+  lam = torch.einsum("cr,ncq->nrq", a, m)  # [n, r_c, r_s]
   dec = torch.einsum("cr,nrq->ncq", a, lam)
   back = torch.einsum("cr,ncq->nrq", a, dec)
-  grad_a = 2 * (torch.einsum("ncq,nrq->cr", dec @ gram, lam)
-                + torch.einsum("ncq,nrq->cr", m @ gram, back)
-                - 2 * torch.einsum("ncq,nrq->cr", m, lam))
+  grad_a = 2 * (
+    torch.einsum("ncq,nrq->cr", dec @ gram, lam)
+    + torch.einsum("ncq,nrq->cr", m @ gram, back)
+    - 2 * torch.einsum("ncq,nrq->cr", m, lam)
+  )
   return a - lr * grad_a, p
 
 
@@ -153,6 +160,7 @@ def _compile_available() -> str | None:
 def _torch_worker():
   """The torch process: cases (features, start, lr) and fixed-step runs of each variant."""
   import torch  # pylint: disable=import-outside-toplevel
+
   torch.set_float32_matmul_precision("highest")
   cases = {}
 
@@ -198,9 +206,13 @@ def _torch_worker():
     return {}
 
   with torch.no_grad():
-    serve({"setup": setup, "run": run, "drop": drop},
-          announce={"matmul_precision": torch.get_float32_matmul_precision(),
-                    "interop_threads": torch.get_num_interop_threads()})
+    serve(
+      {"setup": setup, "run": run, "drop": drop},
+      announce={
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "interop_threads": torch.get_num_interop_threads(),
+      },
+    )
 
 
 # ----------------------------------------------------------------- measuring
@@ -216,8 +228,9 @@ def _median_seconds(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def _parallel_copy(src: np.ndarray, dst: np.ndarray, pool: concurrent.futures.Executor,
-                   chunks: int) -> None:
+def _parallel_copy(
+  src: np.ndarray, dst: np.ndarray, pool: concurrent.futures.Executor, chunks: int
+) -> None:
   """`dst[:] = src` in `chunks` contiguous pieces run on `pool` (NumPy releases the GIL)."""
   bounds = np.linspace(0, src.size, chunks + 1).astype(int)
   list(pool.map(lambda lo, hi: np.copyto(dst[lo:hi], src[lo:hi]), bounds[:-1], bounds[1:]))
@@ -238,15 +251,20 @@ def machine_peaks(repeats: int) -> dict:
   threads = os.cpu_count() or 1
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:  # Started once, outside the timing.
     t_copy = _median_seconds(lambda: _parallel_copy(src, dst, pool, threads), repeats)
-  return {"gemm_gflops": 2 * 2048**3 / t_gemm / 1e9,
-          "copy_gbps": 2 * src.nbytes / t_copy / 1e9,  # read + write
-          "copy_threads": threads}
+  return {
+    "gemm_gflops": 2 * 2048**3 / t_gemm / 1e9,
+    "copy_gbps": 2 * src.nbytes / t_copy / 1e9,  # read + write
+    "copy_threads": threads,
+  }
 
 
 def stats(seconds: list[float]) -> dict:
   """`{"min", "median", "all"}` of repeated timings, in seconds."""
-  return {"min": float(min(seconds)), "median": float(statistics.median(seconds)),
-          "all": [float(f"{s:.6g}") for s in seconds]}
+  return {
+    "min": float(min(seconds)),
+    "median": float(statistics.median(seconds)),
+    "all": [float(f"{s:.6g}") for s in seconds],
+  }
 
 
 def _timed(fn) -> float:
@@ -276,8 +294,13 @@ def loss64(z, a, p) -> float:
 
 def max_rel_diff(ours: dict, ref: dict) -> float:
   """`max |x - y| / max |y|` over the factors `a`, `p` of two runs."""
-  return max(float(np.abs(np.asarray(ours[k]) - np.asarray(ref[k])).max()
-                   / max(float(np.abs(np.asarray(ref[k])).max()), 1e-30)) for k in ("a", "p"))
+  return max(
+    float(
+      np.abs(np.asarray(ours[k]) - np.asarray(ref[k])).max()
+      / max(float(np.abs(np.asarray(ref[k])).max()), 1e-30)
+    )
+    for k in ("a", "p")
+  )
 
 
 class JaxSteps:
@@ -290,13 +313,12 @@ class JaxSteps:
   def __init__(self, state, z, steps: int, config: pj.FitConfig):
     self.state, self.z = state, z
     start = time.perf_counter()
-    self.exe = decomposition._run_steps.lower(  # pylint: disable=protected-access
-        state, z, None, steps=steps, config=config, axis_name=None).compile()
+    self.exe, self.arguments = decomposition.compile_steps(state, pj.Unfolded(z), steps, config)
     self.compile_s = time.perf_counter() - start
     self.temp_bytes = getattr(self.exe.memory_analysis(), "temp_size_in_bytes", None)
 
   def __call__(self):
-    state, losses = self.exe(self.state, self.z, None)
+    state, losses = self.exe(*self.arguments)
     return jax.block_until_ready(state), losses
 
 
@@ -327,8 +349,12 @@ class TorchSide:
   diagnostic of what torch's OpenMP pool costs on a loaded machine.
   """
 
-  ROUTES = {"official": ("official", None), "torch_ours": ("torch_ours", None),
-            "torch_compiled": ("torch_compiled", None), "torch_ours_1thread": ("torch_ours", 1)}
+  ROUTES = {
+    "official": ("official", None),
+    "torch_ours": ("torch_ours", None),
+    "torch_compiled": ("torch_compiled", None),
+    "torch_ours_1thread": ("torch_ours", 1),
+  }
 
   def __init__(self, threads: int, one_thread: bool):
     self.proc = TorchProcess(threads, WORKER)
@@ -345,8 +371,9 @@ class TorchSide:
     """Seconds of `steps` steps of variant `name` from the case's start."""
     variant, threads = self.ROUTES[name]
     time.sleep(SETTLE_S)
-    return self.proc.call(cmd="run", case=case, variant=variant, steps=steps, save=save,
-                          threads=threads)["seconds"]
+    return self.proc.call(
+      cmd="run", case=case, variant=variant, steps=steps, save=save, threads=threads
+    )["seconds"]
 
   def factors(self, case: str, name: str, steps: int, path: str) -> tuple[dict, float]:
     """`({"a", "p"} after `steps` steps, seconds)`."""
@@ -374,27 +401,39 @@ def case_start(c: int, hw: int, n: int, rank_c: int) -> tuple:
   return u, a, p, pj.init(u, rank_c, RANK_S, key=key, appearances=a, parts=p)
 
 
-def bench_config(torch_side, c, hw, n, rank_c, *, rounds, steps, official_max_gb, compile_torch,
-                 workdir) -> dict:
+def bench_config(
+  torch_side, c, hw, n, rank_c, *, rounds, steps, official_max_gb, compile_torch, workdir
+) -> dict:
   """One row: interleaved rounds of every variant, seconds per step, and their agreement."""
   key = jax.random.PRNGKey(hw * 10 + n)
   u, a, p, adaptive = case_start(c, hw, n, rank_c)
   lr = fixed_step_size(adaptive)
   fixed_config = pj.FitConfig(step_size=lr)
   fixed = pj.init(u, rank_c, RANK_S, key=key, config=fixed_config, appearances=a, parts=p)
-  jax_runs = {"jax_fixed": JaxSteps(fixed, u.z, steps, fixed_config),
-              "jax_adaptive": JaxSteps(adaptive, u.z, steps, pj.FitConfig())}
-  row = {"C": c, "H": hw, "W": hw, "N": n, "rank_c": rank_c, "rank_s": RANK_S, "lr": lr,
-         "steps_per_call": {"official": 1, "others": steps},
-         "jax_compile_s": {k: v.compile_s for k, v in jax_runs.items()},
-         "jax_temp_bytes": {k: v.temp_bytes for k, v in jax_runs.items()},
-         "feature_bytes": n * hw * hw * c * 4}
+  jax_runs = {
+    "jax_fixed": JaxSteps(fixed, u.z, steps, fixed_config),
+    "jax_adaptive": JaxSteps(adaptive, u.z, steps, pj.FitConfig()),
+  }
+  row = {
+    "C": c,
+    "H": hw,
+    "W": hw,
+    "N": n,
+    "rank_c": rank_c,
+    "rank_s": RANK_S,
+    "lr": lr,
+    "steps_per_call": {"official": 1, "others": steps},
+    "jax_compile_s": {k: v.compile_s for k, v in jax_runs.items()},
+    "jax_temp_bytes": {k: v.temp_bytes for k, v in jax_runs.items()},
+    "feature_bytes": n * hw * hw * c * 4,
+  }
   one_step = _factors(pj.run_steps(fixed, u, 1, fixed_config)[0])
   variants = list(JAX_VARIANTS)
   if torch_side is not None:
     case = f"{c}/{hw}/{n}/{rank_c}"
     setup, torch_variants = torch_side.setup(
-        case, _write_case(os.path.join(workdir, "case.npz"), u, a, p, lr), compile_torch)
+      case, _write_case(os.path.join(workdir, "case.npz"), u, a, p, lr), compile_torch
+    )
     row.update(setup)
     gb = _official_gb(n, c, hw * hw)
     if gb <= official_max_gb:
@@ -434,13 +473,15 @@ def ratios(median: dict) -> dict:
   searches cost per step.
   """
   out = {}
-  pairs = {"official_over_torch_ours": ("official", "torch_ours"),
-           "torch_ours_over_jax_fixed": ("torch_ours", "jax_fixed"),
-           "torch_compiled_over_jax_fixed": ("torch_compiled", "jax_fixed"),
-           "official_over_jax_fixed": ("official", "jax_fixed"),
-           "official_over_jax_adaptive": ("official", "jax_adaptive"),
-           "jax_adaptive_over_jax_fixed": ("jax_adaptive", "jax_fixed"),
-           "torch_ours_1thread_over_jax_fixed": ("torch_ours_1thread", "jax_fixed")}
+  pairs = {
+    "official_over_torch_ours": ("official", "torch_ours"),
+    "torch_ours_over_jax_fixed": ("torch_ours", "jax_fixed"),
+    "torch_compiled_over_jax_fixed": ("torch_compiled", "jax_fixed"),
+    "official_over_jax_fixed": ("official", "jax_fixed"),
+    "official_over_jax_adaptive": ("official", "jax_adaptive"),
+    "jax_adaptive_over_jax_fixed": ("jax_adaptive", "jax_fixed"),
+    "torch_ours_1thread_over_jax_fixed": ("torch_ours_1thread", "jax_fixed"),
+  }
   for name, (num, den) in pairs.items():
     if num in median and den in median:
       out[name] = median[num] / median[den]
@@ -459,14 +500,16 @@ def refine_row(z, rank_c, repeats, k=16) -> dict:
   out = {}
   for name, kk in (("refine_full_s", None), ("refine_knn_s", k)):
     timed = lambda steps: _median_seconds(
-        lambda: pj.refine(z, a, p, method="paper", k=kk, steps=steps).block_until_ready(),
-        max(1, repeats // 2))
+      lambda: pj.refine(z, a, p, method="paper", k=kk, steps=steps).block_until_ready(),
+      max(1, repeats // 2),
+    )
     t_short, t_long = timed(2), timed(12)
     out[name] = max(t_long - t_short, 0.0) / 10
     if kk is not None:
       out["refine_knn_graph_s"] = max(t_short - 2 * out[name], 0.0)
   out["refine_default_s"] = _median_seconds(
-      lambda: pj.refine(z, a, p).block_until_ready(), max(1, repeats // 2))
+    lambda: pj.refine(z, a, p).block_until_ready(), max(1, repeats // 2)
+  )
   out["refine_k"] = k
   return out
 
@@ -477,11 +520,11 @@ def refine_row(z, rank_c, repeats, k=16) -> dict:
 def _stable(u, a, p, rank_c, lr) -> bool:
   """The fixed-lr recipe stays finite and non-increasing for 200 steps from the common start."""
   config = pj.FitConfig(step_size=lr)
-  state = pj.init(u, rank_c, RANK_S, key=jax.random.PRNGKey(1), config=config,
-                  appearances=a, parts=p)
+  state = pj.init(
+    u, rank_c, RANK_S, key=jax.random.PRNGKey(1), config=config, appearances=a, parts=p
+  )
   losses = np.asarray(pj.run_steps(state, u, 200, config)[1])
-  return bool(np.all(np.isfinite(losses))
-              and np.all(np.diff(losses) <= 1e-6 * abs(losses[0])))
+  return bool(np.all(np.isfinite(losses)) and np.all(np.diff(losses) <= 1e-6 * abs(losses[0])))
 
 
 def _steps_to_reach(losses, target: float):
@@ -495,13 +538,32 @@ def planted_features(shape, rank_c: int):
   `rank_c // 2` appearances and `RANK_S` regions, noise 0.5, scaled to entries of order 10
   (as a mid-layer StyleGAN2)."""
   n, hw, c = shape
-  data = synthetic.planted(jax.random.PRNGKey(0), num_samples=n, height=hw, width=hw,
-                           channels=c, rank_c=max(rank_c // 2, 1), rank_s=RANK_S, noise=0.5)
+  data = synthetic.planted(
+    jax.random.PRNGKey(0),
+    num_samples=n,
+    height=hw,
+    width=hw,
+    channels=c,
+    rank_c=max(rank_c // 2, 1),
+    rank_s=RANK_S,
+    noise=0.5,
+  )
   return data.features.reshape(n, hw * hw, c) * 20.0
 
 
-def time_to_solution(torch_side, z, rank_c, *, steps, rounds, compile_torch, workdir,
-                     lr=None, default_fit=True, start_key=jax.random.PRNGKey(1)) -> dict:
+def time_to_solution(
+  torch_side,
+  z,
+  rank_c,
+  *,
+  steps,
+  rounds,
+  compile_torch,
+  workdir,
+  lr=None,
+  default_fit=True,
+  start_key=jax.random.PRNGKey(1),
+) -> dict:
   """Wall time of the official recipe in every fixed-step variant, and of the adaptive
   default to the recipe's final loss; all measured, rounds interleaved.
 
@@ -518,14 +580,20 @@ def time_to_solution(torch_side, z, rank_c, *, steps, rounds, compile_torch, wor
   fixed = pj.init(u, rank_c, RANK_S, key=key, config=fixed_config, appearances=a, parts=p)
   adaptive = pj.init(u, rank_c, RANK_S, key=key, appearances=a, parts=p)
   jax_fixed = JaxSteps(fixed, u.z, steps, fixed_config)
-  out = {"features": list(z.shape), "rank_c": rank_c, "rank_s": RANK_S, "official_lr": lr,
-         "official_steps": steps,
-         "jax_compile_s": {"jax_fixed": jax_fixed.compile_s}}
+  out = {
+    "features": list(z.shape),
+    "rank_c": rank_c,
+    "rank_s": RANK_S,
+    "official_lr": lr,
+    "official_steps": steps,
+    "jax_compile_s": {"jax_fixed": jax_fixed.compile_s},
+  }
   names = ["jax_fixed"]
   case, path = "tts", os.path.join(workdir, "tts_out.npz")
   if torch_side is not None:
     setup, torch_names = torch_side.setup(
-        case, _write_case(os.path.join(workdir, "tts.npz"), u, a, p, lr), compile_torch)
+      case, _write_case(os.path.join(workdir, "tts.npz"), u, a, p, lr), compile_torch
+    )
     out.update(setup)
     names = ["official"] + torch_names + names
   seconds = {name: [] for name in names}
@@ -540,9 +608,13 @@ def time_to_solution(torch_side, z, rank_c, *, steps, rounds, compile_torch, wor
   out["final_loss"] = {name: loss64(u.z, f["a"], f["p"]) for name, f in final.items()}
   reference = "official" if "official" in final else "jax_fixed"
   target = out["final_loss"][reference]
-  out.update(target_loss=target, target_from=reference,
-             max_rel_diff_final_vs_official={name: max_rel_diff(f, final[reference])
-                                             for name, f in final.items() if name != reference})
+  out.update(
+    target_loss=target,
+    target_from=reference,
+    max_rel_diff_final_vs_official={
+      name: max_rel_diff(f, final[reference]) for name, f in final.items() if name != reference
+    },
+  )
   # The adaptive default from the same start: the first step count that reaches the target.
   losses = np.asarray(pj.run_steps(adaptive, u, steps, pj.FitConfig())[1])
   reach = _steps_to_reach(losses, target)
@@ -577,10 +649,13 @@ def time_to_solution(torch_side, z, rank_c, *, steps, rounds, compile_torch, wor
     torch_side.drop(case)
   out["seconds"] = {name: stats(t) for name, t in seconds.items()}
   med = {name: s["median"] for name, s in out["seconds"].items()}
-  out["ratios"] = {f"{name}_over_jax_{j}": med[name] / med[f"jax_{j}"]
-                   for name in ("official", "torch_ours", "torch_compiled", "torch_ours_1thread")
-                   if name in med
-                   for j in ("fixed", "adaptive") if f"jax_{j}" in med}
+  out["ratios"] = {
+    f"{name}_over_jax_{j}": med[name] / med[f"jax_{j}"]
+    for name in ("official", "torch_ours", "torch_compiled", "torch_ours_1thread")
+    if name in med
+    for j in ("fixed", "adaptive")
+    if f"jax_{j}" in med
+  }
   out["loadavg_1min"] = os.getloadavg()[0]
   return out
 
@@ -612,11 +687,18 @@ def _default_fit_to_reach(z, rank_c, target, max_steps) -> tuple[dict, float | N
 
 def environment(threads: int, torch_info: dict) -> dict:
   """Versions, machine, threads and matmul precision of both sides."""
-  return dict(torch_worker.environment(threads, torch_info),
-              threads={"jax_cores": threads, "torch": torch_info.get("threads"),
-                       "torch_interop": torch_info.get("interop_threads")},
-              matmul_precision={"jax": jax.config.jax_default_matmul_precision,
-                                "torch": torch_info.get("matmul_precision")})
+  return dict(
+    torch_worker.environment(threads, torch_info),
+    threads={
+      "jax_cores": threads,
+      "torch": torch_info.get("threads"),
+      "torch_interop": torch_info.get("interop_threads"),
+    },
+    matmul_precision={
+      "jax": jax.config.jax_default_matmul_precision,
+      "torch": torch_info.get("matmul_precision"),
+    },
+  )
 
 
 def _torch_side(threads: int, one_thread: bool):
@@ -627,31 +709,65 @@ def _torch_side(threads: int, one_thread: bool):
   return TorchSide(threads, one_thread)
 
 
-def run(out: str, quick: bool = False, rounds: int = 5, steps: int = 10,
-        official_max_gb: float = 6.0, compile_torch: bool = True, torch_1thread: bool = True,
-        refine: bool = False,
-        sizes=(16, 32, 64, 128), batches=(8,), ranks_c=(512,), tts_steps: int = 10_000,
-        tts_rounds: int = 2, tts_shape=(8, 8, 128), tts_rank_c: int = 16, log=print) -> dict:
+def run(
+  out: str,
+  quick: bool = False,
+  rounds: int = 5,
+  steps: int = 10,
+  official_max_gb: float = 6.0,
+  compile_torch: bool = True,
+  torch_1thread: bool = True,
+  refine: bool = False,
+  sizes=(16, 32, 64, 128),
+  batches=(8,),
+  ranks_c=(512,),
+  tts_steps: int = 10_000,
+  tts_rounds: int = 2,
+  tts_shape=(8, 8, 128),
+  tts_rank_c: int = 16,
+  log=print,
+) -> dict:
   """The whole benchmark as a JSON-able dict, written to `out` after every row."""
   threads = cores()
   torch_side = _torch_side(threads, torch_1thread)
-  grid = ([(64, 8, 2, 16)] if quick else
-          [(512, hw, n, rc) for rc in ranks_c for hw in sizes for n in batches])
+  grid = (
+    [(64, 8, 2, 16)]
+    if quick
+    else [(512, hw, n, rc) for rc in ranks_c for hw in sizes for n in batches]
+  )
   if quick:
     tts_steps, tts_shape, tts_rank_c = min(tts_steps, 200), (4, 4, 32), 8
   try:
     with jax.default_matmul_precision("float32"), tempfile.TemporaryDirectory() as workdir:
-      report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **environment(threads, torch_side.info if torch_side else {}),
-                "torch": torch_side is not None, "loadavg_start": list(os.getloadavg()),
-                "settings": {"rounds": rounds, "steps": steps, "official_max_gb": official_max_gb,
-                             "torch_compile": compile_torch, "torch_1thread": torch_1thread,
-                             "settle_s": SETTLE_S},
-                "machine_peaks": machine_peaks(1 if quick else 5), "rows": []}
+      report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **environment(threads, torch_side.info if torch_side else {}),
+        "torch": torch_side is not None,
+        "loadavg_start": list(os.getloadavg()),
+        "settings": {
+          "rounds": rounds,
+          "steps": steps,
+          "official_max_gb": official_max_gb,
+          "torch_compile": compile_torch,
+          "torch_1thread": torch_1thread,
+          "settle_s": SETTLE_S,
+        },
+        "machine_peaks": machine_peaks(1 if quick else 5),
+        "rows": [],
+      }
       for c, hw, n, rank_c in grid:
-        row = bench_config(torch_side, c, hw, n, rank_c, rounds=rounds, steps=steps,
-                           official_max_gb=official_max_gb, compile_torch=compile_torch,
-                           workdir=workdir)
+        row = bench_config(
+          torch_side,
+          c,
+          hw,
+          n,
+          rank_c,
+          rounds=rounds,
+          steps=steps,
+          official_max_gb=official_max_gb,
+          compile_torch=compile_torch,
+          workdir=workdir,
+        )
         _add_throughput(row, report["machine_peaks"])
         if refine:
           z = jax.random.normal(jax.random.PRNGKey(hw * 10 + n), (n, hw * hw, c))
@@ -660,11 +776,18 @@ def run(out: str, quick: bool = False, rounds: int = 5, steps: int = 10,
         log(table_line(row))
         _write(report, out)
       report["time_to_solution"] = time_to_solution(
-          torch_side, planted_features(tts_shape, tts_rank_c), tts_rank_c, steps=tts_steps,
-          rounds=tts_rounds, compile_torch=compile_torch, workdir=workdir)
+        torch_side,
+        planted_features(tts_shape, tts_rank_c),
+        tts_rank_c,
+        steps=tts_steps,
+        rounds=tts_rounds,
+        compile_torch=compile_torch,
+        workdir=workdir,
+      )
       report["time_to_solution"]["dataset"] = (
-          f"planted {tts_shape[0]} x {tts_shape[1]}x{tts_shape[1]} x {tts_shape[2]} "
-          f"({max(tts_rank_c // 2, 1)} appearances, {RANK_S} regions, noise 0.5, x20)")
+        f"planted {tts_shape[0]} x {tts_shape[1]}x{tts_shape[1]} x {tts_shape[2]} "
+        f"({max(tts_rank_c // 2, 1)} appearances, {RANK_S} regions, noise 0.5, x20)"
+      )
       log(json.dumps(report["time_to_solution"]["seconds"]))
   finally:
     if torch_side is not None:
@@ -697,20 +820,34 @@ def table_line(row: dict) -> str:
   cell = lambda k: f"{sec[k]['median'] * 1e3:.3g}" if k in sec else "-"
   r = row["ratios"]
   ratio = lambda k: f"{r[k]:.3g}x" if k in r else "-"
-  return (f"| {row['H']} | {row['N']} | {row['rank_c']} | {cell('official')} | "
-          f"{cell('torch_ours')} | {cell('torch_compiled')} | {cell('jax_fixed')} | "
-          f"{cell('jax_adaptive')} | {ratio('official_over_torch_ours')} | "
-          f"{ratio('best_torch_over_jax_fixed')} |")
+  return (
+    f"| {row['H']} | {row['N']} | {row['rank_c']} | {cell('official')} | "
+    f"{cell('torch_ours')} | {cell('torch_compiled')} | {cell('jax_fixed')} | "
+    f"{cell('jax_adaptive')} | {ratio('official_over_torch_ours')} | "
+    f"{ratio('best_torch_over_jax_fixed')} |"
+  )
 
 
 def main(argv):
   del argv
   ints = lambda values: tuple(int(v) for v in values)
-  run(FLAGS.out, FLAGS.quick, FLAGS.rounds, FLAGS.steps, FLAGS.official_max_gb,
-      FLAGS.torch_compile, FLAGS.torch_1thread, FLAGS.refine, ints(FLAGS.sizes),
-      ints(FLAGS.batches),
-      ints(FLAGS.ranks_c), FLAGS.tts_steps, FLAGS.tts_rounds, ints(FLAGS.tts_shape),
-      FLAGS.tts_rank_c)
+  run(
+    FLAGS.out,
+    FLAGS.quick,
+    FLAGS.rounds,
+    FLAGS.steps,
+    FLAGS.official_max_gb,
+    FLAGS.torch_compile,
+    FLAGS.torch_1thread,
+    FLAGS.refine,
+    ints(FLAGS.sizes),
+    ints(FLAGS.batches),
+    ints(FLAGS.ranks_c),
+    FLAGS.tts_steps,
+    FLAGS.tts_rounds,
+    ints(FLAGS.tts_shape),
+    FLAGS.tts_rank_c,
+  )
 
 
 if __name__ == "__main__":

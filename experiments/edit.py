@@ -23,6 +23,7 @@ edited / squared error, `inversion.png` image / reconstruction / error, and
 metrics.json also names the image (path, sha256), the inversion settings and
 its PSNR. A bad PNG exits 2 with one line, before anything is written.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,29 +32,62 @@ import time
 import numpy as np
 from matplotlib import image as mpimg
 
-from experiments import common
-from experiments import decompose
-from experiments import real_images
+from experiments.plumbing import cli
+from experiments.plumbing import decomposition
+from experiments.plumbing import distributed
+from experiments.plumbing import edits as edits_lib
+from experiments.plumbing import options
+from experiments.plumbing import outputs
+from experiments.plumbing import real_images
+from experiments.plumbing import sampling
 from panda_jax import editing
 from panda_jax import generator_ops
 from panda_jax import inversion
+from panda_jax import parts_eval
 from panda_jax import recipes
 from panda_jax import viz
+from panda_jax.data import toyfaces
 
-SPEC = common.spec(*common.WITH_FACTORS, "relative_alpha", *common.INVERSION, edit=common.Flag(
-    "multi_string", ["0:0:3"], "PART:APPEARANCE:ALPHA, PART a part index, indices joined by "
-    "'+', or a mask file (.npy or .png); repeatable."),
-    recipe=common.Flag("string", None, "A recipe card (JSON, `panda_jax.recipes`) to replay "
-                       "instead of --edit; refused unless --generator and the factors are "
-                       "the ones it was made with. Its samples come from its own stream."),
-    seeds=common.Flag("list", None, "With --recipe: the seeds (sample indices of the card's "
-                      "stream) to replay on; default the card's."),
-    normalise=common.Flag("string", "minmax", "How a part is mapped into [0, 1] before the "
-                          "edit: 'minmax' (the official code) or 'max' (panda_jax.editing)."),
-    save_recipes=common.Flag("bool", False, "Also write a recipe card per single edit into "
-                             "OUT/recipes/ (replayable with --recipe)."),
-    inversion_steps=common.Flag("integer", 300, "With --image: optimiser steps on the "
-                                "latents (then --feature_steps on the features)."))
+SPEC = options.spec(
+  *options.WITH_FACTORS,
+  "relative_alpha",
+  *options.INVERSION,
+  edit=options.Flag(
+    "multi_string",
+    ["0:0:3"],
+    "PART:APPEARANCE:ALPHA, PART a part index, "
+    "indices joined by '+', or a mask file (.npy or .png); repeatable.",
+  ),
+  recipe=options.Flag(
+    "string",
+    None,
+    "A recipe card (JSON, `panda_jax.recipes`) to replay "
+    "instead of --edit; refused unless --generator and the factors are "
+    "the ones it was made with. Its samples come from its own stream.",
+  ),
+  seeds=options.Flag(
+    "list",
+    None,
+    "With --recipe: the seeds (sample indices of the card's "
+    "stream) to replay on; default the card's.",
+  ),
+  normalise=options.Flag(
+    "string",
+    "minmax",
+    "How a part is mapped into [0, 1] before the "
+    "edit: 'minmax' (the official code) or 'max' (panda_jax.editing).",
+  ),
+  save_recipes=options.Flag(
+    "bool",
+    False,
+    "Also write a recipe card per single edit into OUT/recipes/ (replayable with --recipe).",
+  ),
+  inversion_steps=options.Flag(
+    "integer",
+    300,
+    "With --image: optimiser steps on the latents (then --feature_steps on the features).",
+  ),
+)
 
 
 def load_mask(path: str) -> np.ndarray:
@@ -67,8 +101,10 @@ def load_mask(path: str) -> np.ndarray:
     raise ValueError(f"mask file {path!r} must be a .npy or a .png")
   mask = np.asarray(mask, np.float32)
   if mask.ndim != 2 or not np.all(np.isfinite(mask)) or mask.min() < 0 or mask.max() > 1:
-    raise ValueError(f"mask {path!r} must be [H, W] with values in [0, 1], got shape "
-                     f"{mask.shape}, range [{mask.min()}, {mask.max()}]")
+    raise ValueError(
+      f"mask {path!r} must be [H, W] with values in [0, 1], got shape "
+      f"{mask.shape}, range [{mask.min()}, {mask.max()}]"
+    )
   return mask
 
 
@@ -81,22 +117,24 @@ def parse_edit(text: str):
   try:
     appearance, alpha = int(appearance), float(alpha)
   except ValueError:
-    raise ValueError(f"--edit {text!r}: APPEARANCE must be an integer and ALPHA a number") \
-        from None
+    raise ValueError(f"--edit {text!r}: APPEARANCE must be an integer and ALPHA a number") from None
   if part.endswith((".npy", ".png")):
     return load_mask(part), appearance, alpha
-  return common.parse_part(part), appearance, alpha
+  return options.parse_part(part), appearance, alpha
 
 
-def region(part, samples: common.Samples, parts, grid):
+def region(part, samples: toyfaces.Samples, parts, grid):
   """Where an edit should act at image size, `([n, H, W] or [H, W], names)`, or None."""
   size = samples.rgb.shape[1:3]
   if isinstance(part, np.ndarray):
-    mask = part if part.shape == size else common.upsample_mask(part, size)
-    return mask, ["mask"]
+    if part.shape == size:
+      return part, ["mask"]
+    if size[0] % part.shape[0] or size[1] % part.shape[1]:
+      raise ValueError(f"a mask of size {part.shape} does not tile images of size {tuple(size)}")
+    return viz.upsample_blocks(np.asarray(part, np.float32), size), ["mask"]
   if samples.labels is None:
     return None
-  return common.part_regions(samples, parts, grid, part)
+  return parts_eval.part_regions(parts, samples.labels, samples.label_names, grid, part)
 
 
 def replay(config) -> dict:
@@ -104,24 +142,30 @@ def replay(config) -> dict:
   `OUT/replay.npz` (raw `originals`, `edited`), `OUT/recipe.png` and metrics.json
   with the ROIR inside the edit's region."""
   card = recipes.load(config.recipe)
-  gen = common.load_generator(config.generator)
+  gen = sampling.load_generator(config.generator)
   made_on = card["samples"].get("image")
   if made_on is None and config.image:
-    raise ValueError("--image: this recipe was made on generated samples (replay it with "
-                     "--seeds)")
+    raise ValueError("--image: this recipe was made on generated samples (replay it with --seeds)")
   if made_on is not None:
     if not config.image:
-      raise ValueError(f"this recipe was made on a real image (sha256 "
-                       f"{made_on['sha256'][:12]}...): pass it as --image")
+      raise ValueError(
+        f"this recipe was made on a real image (sha256 "
+        f"{made_on['sha256'][:12]}...): pass it as --image"
+      )
     image = real_images.load_image(config.image, gen)
     if real_images.file_sha256(config.image) != made_on["sha256"]:
-      raise ValueError(f"--image={config.image} is not the image the recipe was made on "
-                       f"(sha256 {made_on['sha256'][:12]}...)")
-  out = common.output_dir(config.out)
-  factors, layer = decompose.factors_for(config, gen)
-  recipes.check_matches(card, recipes.generator_identity(config.generator, gen),
-                        recipes.factors_identity(factors, layer, config.factors))
-  rgb = lambda im: common.split_labels(im).rgb
+      raise ValueError(
+        f"--image={config.image} is not the image the recipe was made on "
+        f"(sha256 {made_on['sha256'][:12]}...)"
+      )
+  out = outputs.output_dir(config.out)
+  factors, layer = decomposition.factors_for(config, gen)
+  recipes.check_matches(
+    card,
+    recipes.generator_identity(config.generator, gen),
+    recipes.factors_identity(factors, layer, config.factors),
+  )
+  rgb = lambda im: toyfaces.split_labels(im).rgb
   if made_on is not None:
     seeds = []
     one = recipes.image_sample(gen, layer, image, made_on["inversion"], progress=True)
@@ -129,28 +173,49 @@ def replay(config) -> dict:
   else:
     seeds = [int(t) for t in config.seeds] if config.seeds else card["samples"]["seeds"]
     before, after, (mean, std) = recipes.replay(card, gen, factors, seeds, rgb=rgb)
-  if common.is_writer():
-    np.savez(os.path.join(out, "replay.npz"), originals=before, edited=after,
-             seeds=np.asarray(seeds, np.int64))
+  if distributed.is_writer():
+    np.savez(
+      os.path.join(out, "replay.npz"),
+      originals=before,
+      edited=after,
+      seeds=np.asarray(seeds, np.int64),
+    )
     viz.plot_edit(rgb(before), rgb(after), os.path.join(out, "recipe.png"))
-  return common.write_metrics(out, dict(recipe=config.recipe, checksum=card["checksum"],
-                                        seeds=seeds, layer=layer, roir_mean=mean,
-                                        roir_std=std, generator=config.generator,
-                                        image=config.image or None))
+  return outputs.write_metrics(
+    out,
+    dict(
+      recipe=config.recipe,
+      checksum=card["checksum"],
+      seeds=seeds,
+      layer=layer,
+      roir_mean=mean,
+      roir_std=std,
+      generator=config.generator,
+      image=config.image or None,
+    ),
+  )
 
 
 def _save_recipes(config, gen, factors, layer, edits, results, out, samples: dict) -> list:
   """`--save_recipes`: one card per single edit in `OUT/recipes/edit_T.json`; the paths."""
-  if not (config.save_recipes and common.is_writer()):
+  if not (config.save_recipes and distributed.is_writer()):
     return []
   generator = recipes.generator_identity(config.generator, gen)
   identity = recipes.factors_identity(factors, layer, config.factors)
   paths = []
   for t, ((part, j, alpha), result) in enumerate(zip(edits, results)):
     roir = (result["roir_mean"], result["roir_std"]) if "roir_mean" in result else None
-    card = recipes.make_card(generator=generator, factors=identity, part=part, appearance=j,
-                             alpha=alpha, refined=False, roir=roir,
-                             normalise=config.normalise, **samples)
+    card = recipes.make_card(
+      generator=generator,
+      factors=identity,
+      part=part,
+      appearance=j,
+      alpha=alpha,
+      refined=False,
+      roir=roir,
+      normalise=config.normalise,
+      **samples,
+    )
     paths.append(recipes.save(os.path.join(out, "recipes", f"edit_{t}.json"), card))
   return paths
 
@@ -169,57 +234,89 @@ def _parsed_edits(config):
 
 def _group_result(name, group, before, after, factors, grid, out) -> dict:
   """One group's metrics (and figure): mean squared change, ROIR inside its region."""
-  result = dict(name=name, edits=[dict(part="mask" if isinstance(p, np.ndarray) else p,
-                                       appearance=j, alpha=a) for p, j, a in group],
-                mean_squared_change=float(np.mean(np.square(after.rgb - before.rgb))))
+  result = dict(
+    name=name,
+    edits=[
+      dict(part="mask" if isinstance(p, np.ndarray) else p, appearance=j, alpha=a)
+      for p, j, a in group
+    ],
+    mean_squared_change=float(np.mean(np.square(after.rgb - before.rgb))),
+  )
   regions = [region(p, before, factors.parts, grid) for p, _, _ in group]
   if all(r is not None for r in regions):
     mask = np.max([np.broadcast_to(m, before.rgb.shape[:3]) for m, _ in regions], axis=0)
-    result.update(common.roir(before.rgb, after.rgb, mask),
-                  region=list(dict.fromkeys(n for _, names in regions for n in names)))
-  if common.is_writer():
+    result.update(
+      edits_lib.roir(before.rgb, after.rgb, mask),
+      region=list(dict.fromkeys(n for _, names in regions for n in names)),
+    )
+  if distributed.is_writer():
     viz.plot_edit(before.rgb, after.rgb, os.path.join(out, f"{name}.png"))
   return result
 
 
 def edit_image(config) -> dict:
   """`--image`: inverts the image, edits its features at the factors' layer."""
-  gen = common.load_generator(config.generator)
+  gen = sampling.load_generator(config.generator)
   image = real_images.load_image(config.image, gen)  # Everything checked before --out exists.
   edits = _parsed_edits(config)
   if config.inversion_steps < 0 or config.feature_steps < 0:
-    raise ValueError(f"--inversion_steps and --feature_steps must be >= 0, got "
-                     f"{config.inversion_steps}, {config.feature_steps}")
-  out = common.output_dir(config.out)
-  factors, layer = decompose.factors_for(config, gen)
+    raise ValueError(
+      f"--inversion_steps and --feature_steps must be >= 0, got "
+      f"{config.inversion_steps}, {config.feature_steps}"
+    )
+  out = outputs.output_dir(config.out)
+  factors, layer = decomposition.factors_for(config, gen)
   settings = real_images.settings(config, config.inversion_steps)
   start = time.perf_counter()
   one = recipes.image_sample(gen, layer, image, settings, progress=True)  # As a recipe replays.
   seconds = time.perf_counter() - start
   channels = image.shape[-1]
-  render = lambda x: common.Samples(
-      np.asarray(gen.resume(x, one.carry, one.latents, layer))[..., :channels], None, ())
-  reconstruction = common.Samples(np.asarray(one.image)[..., :channels], None, ())
-  if common.is_writer():
+  render = lambda x: toyfaces.Samples(
+    np.asarray(gen.resume(x, one.carry, one.latents, layer))[..., :channels], None, ()
+  )
+  reconstruction = toyfaces.Samples(np.asarray(one.image)[..., :channels], None, ())
+  if distributed.is_writer():
     viz.plot_edit(np.asarray(image), reconstruction.rgb, os.path.join(out, "inversion.png"))
-  edits = [(part, j, common.absolute_alpha(config, one.features, alpha))
-           for part, j, alpha in edits]
+  edits = [
+    (part, j, edits_lib.absolute_alpha(config, one.features, alpha)) for part, j, alpha in edits
+  ]
   results = []
   for t, group in enumerate(_groups(edits)):
-    edited = editing.edit_many(one.features, factors.appearances, factors.parts, group,
-                               normalise=config.normalise)
+    edited = editing.edit_many(
+      one.features, factors.appearances, factors.parts, group, normalise=config.normalise
+    )
     name = f"edit_{t}" if t < len(edits) else "edit_all"
-    results.append(_group_result(name, group, reconstruction, render(edited), factors,
-                                 one.features.shape[1:3], out))
+    results.append(
+      _group_result(
+        name, group, reconstruction, render(edited), factors, one.features.shape[1:3], out
+      )
+    )
   sha256 = real_images.file_sha256(config.image)
-  cards = _save_recipes(config, gen, factors, layer, edits, results, out, dict(
-      image={"sha256": sha256, "inversion": settings}))
-  return common.write_metrics(out, dict(
-      layer=layer, generator=config.generator, normalise=config.normalise, edits=results,
+  cards = _save_recipes(
+    config,
+    gen,
+    factors,
+    layer,
+    edits,
+    results,
+    out,
+    dict(image={"sha256": sha256, "inversion": settings}),
+  )
+  return outputs.write_metrics(
+    out,
+    dict(
+      layer=layer,
+      generator=config.generator,
+      normalise=config.normalise,
+      edits=results,
       recipes=cards,
-      image=os.path.abspath(config.image), image_sha256=sha256,
-      inversion=settings, inversion_seconds=seconds,
-      psnr=float(inversion.psnr(reconstruction.rgb, image)[0])))
+      image=os.path.abspath(config.image),
+      image_sha256=sha256,
+      inversion=settings,
+      inversion_seconds=seconds,
+      psnr=float(inversion.psnr(reconstruction.rgb, image)[0]),
+    ),
+  )
 
 
 def run(config) -> dict:
@@ -228,31 +325,50 @@ def run(config) -> dict:
     return replay(config)
   if config.image:
     return edit_image(config)
-  out = common.output_dir(config.out)
-  gen = common.load_generator(config.generator)
-  factors, layer = decompose.factors_for(config, gen)
+  out = outputs.output_dir(config.out)
+  gen = sampling.load_generator(config.generator)
+  factors, layer = decomposition.factors_for(config, gen)
   edits = _parsed_edits(config)
   indices = np.arange(config.num_show)
-  features = common.extract_features(gen, config, layer, indices)
+  features = sampling.extract_features(gen, config, layer, indices)
   grid = features.shape[1:3]
-  edits = [(part, j, common.absolute_alpha(config, features, alpha))
-           for part, j, alpha in edits]
-  lat = common.latents(gen, config, indices)
+  edits = [(part, j, edits_lib.absolute_alpha(config, features, alpha)) for part, j, alpha in edits]
+  lat = sampling.latents(gen, config, indices)
   results = []
-  for t, group in enumerate(common.progress_iter(_groups(edits), "edits")):
+  for t, group in enumerate(outputs.progress_iter(_groups(edits), "edits")):
     name = f"edit_{t}" if t < len(edits) else "edit_all"
-    before, after = generator_ops.edit_images(gen, lat, layer, factors.appearances,
-                                              factors.parts, group,
-                                              normalise=config.normalise)
-    results.append(_group_result(name, group, common.split_labels(before),
-                                 common.split_labels(after), factors, grid, out))
-  cards = _save_recipes(config, gen, factors, layer, edits, results, out, dict(
-      seed=config.seed, seeds=list(range(config.num_show)),
-      truncation_psi=config.truncation_psi))
-  return common.write_metrics(out, dict(layer=layer, generator=config.generator,
-                                        num_show=config.num_show, normalise=config.normalise,
-                                        edits=results, recipes=cards))
+    before, after = generator_ops.edit_images(
+      gen, lat, layer, factors.appearances, factors.parts, group, normalise=config.normalise
+    )
+    results.append(
+      _group_result(
+        name, group, toyfaces.split_labels(before), toyfaces.split_labels(after), factors, grid, out
+      )
+    )
+  cards = _save_recipes(
+    config,
+    gen,
+    factors,
+    layer,
+    edits,
+    results,
+    out,
+    dict(
+      seed=config.seed, seeds=list(range(config.num_show)), truncation_psi=config.truncation_psi
+    ),
+  )
+  return outputs.write_metrics(
+    out,
+    dict(
+      layer=layer,
+      generator=config.generator,
+      num_show=config.num_show,
+      normalise=config.normalise,
+      edits=results,
+      recipes=cards,
+    ),
+  )
 
 
 if __name__ == "__main__":
-  common.main(real_images.cli(run), SPEC)
+  cli.main(run, SPEC)

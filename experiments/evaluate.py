@@ -15,7 +15,7 @@ appearance x signed strength, strengths in standard deviations of the code
 they move); per ROI the candidate of smallest validation ROIR (Eq. 13) among
 those whose mean RMS change inside the ROI is at least `--threshold` is kept
 and its ROIR (mean +- std over test samples whose ROI has at least
-`--min_roi_pixels` pixels) is reported. Methods:
+`--min_roi_pixels` pixels) is reported. candidates.Methods:
 
   * panda_global / panda_refined: `pj.edit` at `--layer`, part = the part that
     best matches the ROI on validation (pooled IoU), appearances of `A`,
@@ -36,25 +36,28 @@ selected, sensitivity, config), `OUT/roir_table.md` and figures (`roir.png`,
 `part_iou.png`, `edits_<roi>.png` (every method's chosen edit of the ROI on
 the first test samples, with the RMS change per pixel on one scale), `sensitivity.png`).
 """
+
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 import panda_jax as pj
-from experiments import common
+from experiments.plumbing import cli
+from experiments.plumbing import distributed
+from experiments.plumbing import options
+from experiments.plumbing import outputs
+from experiments.plumbing import sampling
 from panda_jax import generator_ops
+from panda_jax import json_io
 from panda_jax import parts_eval
+from panda_jax import viz
+from panda_jax.baselines import candidates
 from panda_jax.baselines import ganspace
 from panda_jax.baselines import latent
 from panda_jax.baselines import protocol
@@ -65,64 +68,78 @@ from panda_jax.data import toyfaces
 ROIS = ("eyes", "mouth", "hair", "background", "nose")
 METHODS = ("panda_global", "panda_refined", "ganspace", "sefa", "stylespace")
 
-_F = common.Flag
-# The ROIR protocol's options, shared with `experiments.evaluate_real`.
-ROIR_PROTOCOL = dict(
-    threshold=_F("float", 0.1, "Minimum mean RMS change inside the ROI (image range [-1, 1]) of "
-                 "an edit to be selectable; the same for every method."),
-    min_roi_pixels=_F("integer", 4, "Samples whose ROI has fewer pixels are left out of its ROIR."),
-    strengths=_F("list", ["2", "5"], "Edit strengths in standard deviations (both signs)."))
-SPEC = common.spec(
-    "generator", "out", "seed", "num_samples", "batch_size", "truncation_psi", "rank_c", "steps",
-    *common.DISTRIBUTED,
-    quick=_F("bool", False, "Reduced protocol (about 100 test samples, one layer, one rank, no "
-             "sensitivity study): minutes on a CPU."),
-    layers=_F("list", [], "Layers of the part-discovery study; the first is where PandA edits. "
-              "Default: the deepest layer of at most 16x16 and the one two layers earlier."),
-    ranks_s=_F("list", ["8", "12"], "Part ranks R_S of the part-discovery study (first: edits)."),
-    num_val=_F("integer", 64, "Validation samples (candidate selection)."),
-    num_test=_F("integer", 1000, "Test samples (reported ROIR and IoU)."),
-    **ROIR_PROTOCOL,
-    num_directions=_F("integer", 8, "GANSpace / SeFa directions per layer range."),
-    ganspace_samples=_F("integer", 10000, "W codes for GANSpace's PCA."),
-    score_samples=_F("integer", 32, "Train samples the StyleSpace channels are scored on."),
-    style_candidates=_F("integer", 8, "StyleSpace channels per ROI (best scores)."),
-    knn=_F("list", ["4", "8", "16"], "k of the mutual-kNN refinement variants."),
-    refine_steps=_F("integer", 50, "Steps of Algorithm 2 (refined_full, refined_knn_k)."),
-    refine_method=_F("string", "paper", "pj.refine method of panda_refined ('paper' or "
-                     "'register')."),
-    sensitivity=_F("bool", True, "Run the sensitivity study (R_S, R_C, steps, step-size rule)."),
-    sensitivity_val=_F("integer", 16, "Validation samples per sensitivity point."),
-    sensitivity_test=_F("integer", 200, "Test samples per sensitivity point."),
+_F = options.Flag
+SPEC = options.spec(
+  "generator",
+  "out",
+  "seed",
+  "num_samples",
+  "batch_size",
+  "truncation_psi",
+  "rank_c",
+  "steps",
+  *options.DISTRIBUTED,
+  quick=_F(
+    "bool",
+    False,
+    "Reduced protocol (about 100 test samples, one layer, one rank, no "
+    "sensitivity study): minutes on a CPU.",
+  ),
+  layers=_F(
+    "list",
+    [],
+    "Layers of the part-discovery study; the first is where PandA edits. "
+    "Default: the deepest layer of at most 16x16 and the one two layers earlier.",
+  ),
+  ranks_s=_F("list", ["8", "12"], "Part ranks R_S of the part-discovery study (first: edits)."),
+  num_val=_F("integer", 64, "Validation samples (candidate selection)."),
+  num_test=_F("integer", 1000, "Test samples (reported ROIR and IoU)."),
+  **options.ROIR_PROTOCOL,
+  num_directions=_F("integer", 8, "GANSpace / SeFa directions per layer range."),
+  ganspace_samples=_F("integer", 10000, "W codes for GANSpace's PCA."),
+  score_samples=_F("integer", 32, "Train samples the StyleSpace channels are scored on."),
+  style_candidates=_F("integer", 8, "StyleSpace channels per ROI (best scores)."),
+  knn=_F("list", ["4", "8", "16"], "k of the mutual-kNN refinement variants."),
+  refine_steps=_F("integer", 50, "Steps of Algorithm 2 (refined_full, refined_knn_k)."),
+  refine_method=_F("string", "paper", "pj.refine method of panda_refined ('paper' or 'register')."),
+  sensitivity=_F("bool", True, "Run the sensitivity study (R_S, R_C, steps, step-size rule)."),
+  sensitivity_val=_F("integer", 16, "Validation samples per sensitivity point."),
+  sensitivity_test=_F("integer", 200, "Test samples per sensitivity point."),
 )
 
-QUICK = dict(num_samples=128, num_val=32, num_test=100, steps=100, strengths=["4"],
-             num_directions=4, ganspace_samples=2000, score_samples=4, style_candidates=4,
-             knn=["8"], sensitivity=False)
+QUICK = dict(
+  num_samples=128,
+  num_val=32,
+  num_test=100,
+  steps=100,
+  strengths=["4"],
+  num_directions=4,
+  ganspace_samples=2000,
+  score_samples=4,
+  style_candidates=4,
+  knn=["8"],
+  sensitivity=False,
+)
 
 
 class Data(NamedTuple):
   """Samples of one split: latents, originals and ground truth."""
-  indices: np.ndarray   # [n]
-  latents: jax.Array    # [n, num_ws, w_dim]
-  rgb: np.ndarray       # [n, H, W, 3]
-  labels: np.ndarray    # [n, H, W] int32, indices into `names`
+
+  indices: np.ndarray  # [n]
+  latents: jax.Array  # [n, num_ws, w_dim]
+  rgb: np.ndarray  # [n, H, W, 3]
+  labels: np.ndarray  # [n, H, W] int32, indices into `names`
   names: tuple
 
   def subset(self, size: int, start: int = 0) -> "Data":
     """Samples `start .. start + size - 1` of the split."""
     take = slice(start, start + size)
-    return Data(self.indices[take], self.latents[take], self.rgb[take], self.labels[take],
-                self.names)
+    return Data(
+      self.indices[take], self.latents[take], self.rgb[take], self.labels[take], self.names
+    )
 
   def masks(self, roi: str) -> np.ndarray:
     return (self.labels == self.names.index(roi)).astype(np.float32)
-
-
-class Method(NamedTuple):
-  """A method's candidate edits and how to render them."""
-  prepare: Callable      # latents -> (candidate dict -> images [n, H, W, ch])
-  candidates: list       # [(candidate dict, rois it may be chosen for)]
 
 
 # ----------------------------------------------------------------------------- data
@@ -130,8 +147,7 @@ class Method(NamedTuple):
 
 def log(message: str) -> None:
   """A progress line on stderr (process 0)."""
-  if common.is_writer():
-    print(f"[evaluate {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+  outputs.log("evaluate", message)
 
 
 def settings(config):
@@ -154,9 +170,13 @@ def box_labels(size) -> np.ndarray:
   y, x = np.mgrid[0:h, 0:w]
   y, x = (y + 0.5) / h, (x + 0.5) / w
   labels = np.zeros((h, w), np.int32)
-  boxes = {"hair": (0.05, 0.3, 0.2, 0.8), "skin": (0.3, 0.9, 0.2, 0.8),
-           "eyes": (0.4, 0.52, 0.25, 0.75), "nose": (0.52, 0.65, 0.42, 0.58),
-           "mouth": (0.7, 0.8, 0.33, 0.67)}
+  boxes = {
+    "hair": (0.05, 0.3, 0.2, 0.8),
+    "skin": (0.3, 0.9, 0.2, 0.8),
+    "eyes": (0.4, 0.52, 0.25, 0.75),
+    "nose": (0.52, 0.65, 0.42, 0.58),
+    "mouth": (0.7, 0.8, 0.33, 0.67),
+  }
   for name, (y0, y1, x0, x1) in boxes.items():
     labels[(y >= y0) & (y < y1) & (x >= x0) & (x < x1)] = toyfaces.PARTS.index(name)
   return labels
@@ -164,10 +184,14 @@ def box_labels(size) -> np.ndarray:
 
 def make_data(gen, config, indices) -> Data:
   """Latents, RGB originals and label maps of the samples `indices`."""
-  lat = common.latents(gen, config, indices)
-  images = np.concatenate([np.asarray(gen.generate(lat[i:i + config.batch_size]))
-                           for i in range(0, len(indices), config.batch_size)])
-  samples = common.split_labels(images)
+  lat = sampling.latents(gen, config, indices)
+  images = np.concatenate(
+    [
+      np.asarray(gen.generate(lat[i : i + config.batch_size]))
+      for i in range(0, len(indices), config.batch_size)
+    ]
+  )
+  samples = toyfaces.split_labels(images)
   labels = samples.labels
   names = samples.label_names
   if labels is None:
@@ -183,35 +207,21 @@ def rgb_of(images):
 # ----------------------------------------------------------------------------- protocol
 
 
-def _roi_stats(originals, edited, masks, min_pixels: int):
-  """`(ratios [m], changes [m])` over the samples whose ROI has >= min_pixels pixels."""
-  keep = np.asarray(masks).sum(axis=(1, 2)) >= min_pixels
-  o, e, m = jnp.asarray(originals), jnp.asarray(edited), jnp.asarray(masks)
-  ratios = np.asarray(pj.roir_per_sample(o, e, m), np.float64)   # all samples: one shape
-  return ratios[keep], np.asarray(protocol.roi_change(o, e, m), np.float64)[keep]
-
-
-def choose(method: Method, val: Data, config) -> dict:
-  """Per ROI: the selected candidate (threshold rule) and the validation scores."""
+def choose(method: candidates.Method, val: Data, config) -> dict:
+  """Per ROI: the selected candidate (threshold rule) and the validation scores
+  (`protocol.choose_edits` on the validation split)."""
   apply = method.prepare(val.latents)
-  rois = {roi: ([], [], []) for roi in ROIS}
-  for cand, eligible in method.candidates:
-    edited = np.asarray(rgb_of(apply(cand)))
-    for roi in eligible:
-      ratios, changes = _roi_stats(val.rgb, edited, val.masks(roi), config.min_roi_pixels)
-      rois[roi][0].append(cand)
-      rois[roi][1].append(float(np.mean(ratios)) if ratios.size else np.inf)
-      rois[roi][2].append(float(np.mean(changes)) if changes.size else 0.0)
-  chosen = {}
-  for roi, (cands, roirs, changes) in rois.items():
-    index = protocol.select(roirs, changes, config.threshold) if cands else None
-    chosen[roi] = None if index is None else dict(
-        candidate=cands[index], val_roir=roirs[index], val_change=changes[index],
-        num_candidates=len(cands))
-  return chosen
+  return protocol.choose_edits(
+    lambda cand: np.asarray(rgb_of(apply(cand))),
+    method.candidates,
+    val.rgb,
+    {roi: val.masks(roi) for roi in ROIS},
+    config.threshold,
+    config.min_roi_pixels,
+  )
 
 
-def test_roir(method: Method, chosen: dict, test: Data, config) -> dict:
+def test_roir(method: candidates.Method, chosen: dict, test: Data, config) -> dict:
   """Per ROI: `{"mean", "std", "n"}` test ROIR of the chosen edit (None if none passed)."""
   out = {}
   for roi in ROIS:
@@ -222,93 +232,16 @@ def test_roir(method: Method, chosen: dict, test: Data, config) -> dict:
     for i in range(0, len(test.indices), config.batch_size):
       part = test.subset(config.batch_size, start=i)
       edited = np.asarray(rgb_of(method.prepare(part.latents)(chosen[roi]["candidate"])))
-      r, c = _roi_stats(part.rgb, edited, part.masks(roi), config.min_roi_pixels)
+      r, c = protocol.roi_statistics(part.rgb, edited, part.masks(roi), config.min_roi_pixels)
       ratios.append(r)
       changes.append(c)
-    ratios, changes = np.concatenate(ratios), np.concatenate(changes)
-    out[roi] = dict(mean=float(np.mean(ratios)), std=float(np.std(ratios)),
-                    median=float(np.median(ratios)), n=int(ratios.size),
-                    roi_change=float(np.mean(changes)))
+    out[roi] = protocol.summary(np.concatenate(ratios), np.concatenate(changes))
   return out
 
 
-def evaluate_method(method: Method, val: Data, test: Data, config):
+def evaluate_method(method: candidates.Method, val: Data, test: Data, config):
   chosen = choose(method, val, config)
   return test_roir(method, chosen, test, config), chosen
-
-
-# ----------------------------------------------------------------------------- methods
-
-
-def signed(strengths):
-  return [s * t for t in strengths for s in (-1.0, 1.0)]
-
-
-def panda_method(gen, layer, factors, matches, coeff_std, config, refine=None) -> Method:
-  """PandA edits `pj.edit(part=matched part of the ROI, appearance j, t * std_j)`."""
-
-  def prepare(latents):
-    x, carry = gen.split(latents, layer)
-    parts = factors.parts if refine is None else refine(x)
-
-    def apply(cand):
-      edited = pj.edit(x, factors.appearances, parts, cand["part"], cand["appearance"],
-                       cand["alpha"])
-      return gen.resume(edited, carry, latents, layer)
-    return apply
-
-  candidates = []
-  for roi in ROIS:
-    for j in range(factors.appearances.shape[1]):
-      for t in signed(config.strengths):
-        candidates.append((dict(part=int(matches[roi]), appearance=j, t=t,
-                                alpha=float(t * coeff_std[j])), (roi,)))
-  return Method(prepare, candidates)
-
-
-def latent_method(gen, ranges_directions, config) -> Method:
-  """W-space edits: `[(start, stop, Directions)]`, every direction x signed strength."""
-  table = {}
-
-  def prepare(latents):
-    def apply(cand):
-      v = table[(cand["start"], cand["stop"])].directions[cand["direction"]]
-      return gen.generate(latent.shift(latents, v, cand["alpha"], cand["start"], cand["stop"]))
-    return apply
-
-  candidates = []
-  for start, stop, dirs in ranges_directions:
-    table[(start, stop)] = dirs
-    for k in range(len(dirs.directions)):
-      for t in signed(config.strengths):
-        candidates.append((dict(start=start, stop=stop, direction=k, t=t,
-                                alpha=float(t * dirs.scales[k])), ROIS))
-  return Method(prepare, candidates)
-
-
-def stylespace_method(gen, train: Data, config):
-  """Top channels per ROI by inside share, every signed strength; `(Method, scores)`."""
-  lat = train.latents[:config.score_samples]
-  masks = np.stack([train.subset(config.score_samples).masks(roi) for roi in ROIS])
-  chans, scores = stylespace.locality_scores(gen, lat, masks, max(config.strengths), rgb=rgb_of)
-  candidates = []
-  for r, roi in enumerate(ROIS):
-    for c in np.argsort(-scores[:, r])[:config.style_candidates]:
-      ch = chans[c]
-      for t in signed(config.strengths):
-        candidates.append((dict(conv=ch.conv, channel=ch.channel, t=t, score=float(scores[c, r]),
-                                alpha=float(t * ch.std)), (roi,)))
-
-  def prepare(latents):
-    return lambda cand: stylespace.generate(gen, latents, cand["conv"], cand["channel"],
-                                            cand["alpha"])
-  return Method(prepare, candidates)
-
-
-def sample_w(gen, key, num: int, batch: int = 4096) -> np.ndarray:
-  """`[num, w_dim]` codes of the mapping network (stream `key`, untruncated)."""
-  return np.concatenate([np.asarray(generator_ops.sample_latents(
-      gen, key, np.arange(i, min(i + batch, num)))[:, 0]) for i in range(0, num, batch)])
 
 
 # ----------------------------------------------------------------------------- parts
@@ -321,25 +254,24 @@ def per_sample_iou(assigned, labels, matches, num_labels: int) -> np.ndarray:
     assigned: `[n or 1, H, W]` argmax part per pixel; labels: `[n, H, W]`;
     matches: `[L]` matched part of each label.
   """
-  assigned = np.broadcast_to(np.asarray(assigned), np.shape(labels))
-  out = np.full((len(labels), num_labels), np.nan)
-  for l in range(num_labels):
-    truth, pred = labels == l, assigned == matches[l]
-    inter = (truth & pred).sum(axis=(1, 2))
-    union = (truth | pred).sum(axis=(1, 2))
-    present = truth.any(axis=(1, 2))
-    out[present, l] = inter[present] / union[present]
-  return out
+  labels = np.asarray(labels)
+  masks = np.broadcast_to(np.asarray(assigned), labels.shape)[..., None] == np.asarray(matches)
+  iou = parts_eval.matched_iou(masks, labels, num_labels, per_sample=True)
+  present = labels[..., None] == np.arange(num_labels)  # [n, H, W, L]
+  return np.where(present.any(axis=(1, 2)), iou, np.nan)
 
 
 def refiners(factors, config) -> dict:
   """Variant name -> `features [n, h, w, c] -> parts` (None = the global parts)."""
   a, p = factors.appearances, factors.parts
-  out = {"global": None,
-         "refined_full": lambda x: pj.refine(x, a, p, method="paper", steps=config.refine_steps)}
+  out = {
+    "global": None,
+    "refined_full": lambda x: pj.refine(x, a, p, method="paper", steps=config.refine_steps),
+  }
   for k in config.knn:
-    out[f"refined_knn_{k}"] = (lambda x, k=k: pj.refine(x, a, p, method="paper", k=k,
-                                                         steps=config.refine_steps))
+    out[f"refined_knn_{k}"] = lambda x, k=k: pj.refine(
+      x, a, p, method="paper", k=k, steps=config.refine_steps
+    )
   out["refined_register"] = lambda x: pj.refine(x, a, p, method="register")
   return out
 
@@ -347,25 +279,36 @@ def refiners(factors, config) -> dict:
 def _parts_of(gen, layer, data: Data, refine, factors, config):
   if refine is None:
     return factors.parts
-  return jnp.concatenate([refine(gen.split(data.latents[i:i + config.batch_size], layer)[0])
-                          for i in range(0, len(data.indices), config.batch_size)])
+  return jnp.concatenate(
+    [
+      refine(gen.split(data.latents[i : i + config.batch_size], layer)[0])
+      for i in range(0, len(data.indices), config.batch_size)
+    ]
+  )
 
 
 def part_iou(gen, layer, factors, val: Data, test: Data, config, variants=None) -> dict:
   """`{variant: {part: {"mean", "std", "n", "match"}, "mean_over_parts": x}}`."""
-  grid = common.feature_shape(gen, layer)[:2]
+  grid = sampling.feature_shape(gen, layer)[:2]
   out = {}
   for name, refine in (variants or refiners(factors, config)).items():
     start = time.time()
-    best, match, _ = parts_eval.best_part_iou(_parts_of(gen, layer, val, refine, factors, config),
-                                              val.labels, len(val.names), grid)
+    best, match, _ = parts_eval.best_part_iou(
+      _parts_of(gen, layer, val, refine, factors, config), val.labels, len(val.names), grid
+    )
     parts = _parts_of(gen, layer, test, refine, factors, config)
     assigned = parts_eval.part_label_maps(parts, grid, test.labels.shape[1:])
     ious = per_sample_iou(np.asarray(assigned), test.labels, np.asarray(match), len(test.names))
-    entry = {part: dict(mean=float(np.nanmean(ious[:, l])), std=float(np.nanstd(ious[:, l])),
-                        n=int(np.sum(~np.isnan(ious[:, l]))), match=int(match[l]),
-                        val_pooled=float(best[l]))
-             for l, part in enumerate(test.names)}
+    entry = {
+      part: dict(
+        mean=float(np.nanmean(ious[:, l])),
+        std=float(np.nanstd(ious[:, l])),
+        n=int(np.sum(~np.isnan(ious[:, l]))),
+        match=int(match[l]),
+        val_pooled=float(best[l]),
+      )
+      for l, part in enumerate(test.names)
+    }
     entry["mean_over_parts"] = float(np.mean([entry[p]["mean"] for p in test.names]))
     entry["seconds"] = time.time() - start
     out[name] = entry
@@ -375,9 +318,16 @@ def part_iou(gen, layer, factors, val: Data, test: Data, config, variants=None) 
 def fit_panda(gen, layer, rank_s, config, **fit_options):
   """`(factors, seconds)`: features of the train split at `layer`, then `pj.fit`."""
   start = time.time()
-  features = common.extract_features(gen, config, layer, np.arange(config.num_samples))
-  factors = pj.fit(features, config.rank_c, rank_s, steps=config.steps,
-                   key=common.keys(config.seed)[1], progress=False, **fit_options)
+  features = sampling.extract_features(gen, config, layer, np.arange(config.num_samples))
+  factors = pj.fit(
+    features,
+    config.rank_c,
+    rank_s,
+    steps=config.steps,
+    key=generator_ops.seed_keys(config.seed)[1],
+    progress=False,
+    **fit_options,
+  )
   jax.block_until_ready(factors.parts)
   coeff = jnp.einsum("nhwc,cr->nhwr", features, factors.appearances)
   return factors, time.time() - start, np.asarray(jnp.std(coeff, axis=(0, 1, 2)))
@@ -385,7 +335,7 @@ def fit_panda(gen, layer, rank_s, config, **fit_options):
 
 def roi_matches(gen, layer, parts, val: Data) -> dict:
   """Each ROI's best-matching part (pooled IoU on validation)."""
-  grid = common.feature_shape(gen, layer)[:2]
+  grid = sampling.feature_shape(gen, layer)[:2]
   _, match, _ = parts_eval.best_part_iou(parts, val.labels, len(val.names), grid)
   return {roi: int(match[val.names.index(roi)]) for roi in ROIS}
 
@@ -395,24 +345,30 @@ def roi_matches(gen, layer, parts, val: Data) -> dict:
 
 def check_generator(gen) -> None:
   if gen.arch != "stylegan2":
-    raise ValueError(f"the baselines need a StyleGAN2 generator (W+ codes and style kernels), "
-                     f"got arch {gen.arch!r}")
+    raise ValueError(
+      f"the baselines need a StyleGAN2 generator (W+ codes and style kernels), "
+      f"got arch {gen.arch!r}"
+    )
 
 
 def run(config) -> dict:
   """The whole evaluation; returns (and writes) `results.json`'s content."""
   config = settings(config)
-  out = common.output_dir(config.out)
-  gen = common.load_generator(config.generator)
+  out = outputs.output_dir(config.out)
+  gen = sampling.load_generator(config.generator)
   check_generator(gen)
   layers = config.layers or _default_layers(gen, config.quick)
   split = protocol.splits(config.num_samples, config.num_val, config.num_test)
   val, test = make_data(gen, config, split.val), make_data(gen, config, split.test)
-  train = make_data(gen, config, split.train[:max(config.score_samples, 1)])
-  results = dict(config=common.jsonable(vars(config)), layers=layers, labels=(
-      "generator" if gen.config.get("img_channels", 3) > 3 else "boxes"),
-                 splits={k: [int(v[0]), int(v[-1]) + 1] for k, v in split._asdict().items()},
-                 roir={}, selected={})
+  train = make_data(gen, config, split.train[: max(config.score_samples, 1)])
+  results = dict(
+    config=json_io.jsonable(vars(config)),
+    layers=layers,
+    labels=("generator" if gen.config.get("img_channels", 3) > 3 else "boxes"),
+    splits={k: [int(v[0]), int(v[-1]) + 1] for k, v in split._asdict().items()},
+    roir={},
+    selected={},
+  )
 
   # Part discovery at every (layer, R_S).
   settings_iou, main = [], None
@@ -420,10 +376,19 @@ def run(config) -> dict:
     for rank_s in config.ranks_s:
       factors, seconds, coeff_std = fit_panda(gen, layer, rank_s, config)
       ious = part_iou(gen, layer, factors, val, test, config)
-      log(f"layer {layer}, R_S {rank_s}: fit {seconds:.1f} s, part IoU " + ", ".join(
-          f"{v} {e['mean_over_parts']:.3f}" for v, e in ious.items()))
-      settings_iou.append(dict(layer=layer, rank_s=rank_s, fit_seconds=seconds,
-                               final_loss=float(factors.loss_history[-1]), part_iou=ious))
+      log(
+        f"layer {layer}, R_S {rank_s}: fit {seconds:.1f} s, part IoU "
+        + ", ".join(f"{v} {e['mean_over_parts']:.3f}" for v, e in ious.items())
+      )
+      settings_iou.append(
+        dict(
+          layer=layer,
+          rank_s=rank_s,
+          fit_seconds=seconds,
+          final_loss=float(factors.loss_history[-1]),
+          part_iou=ious,
+        )
+      )
       if main is None:
         main = (layer, rank_s, factors, seconds, coeff_std)
   results["part_iou"] = settings_iou[0]["part_iou"]
@@ -433,30 +398,35 @@ def run(config) -> dict:
   layer, rank_s, factors, seconds, coeff_std = main
   matches = roi_matches(gen, layer, factors.parts, val)
   methods, results["train_seconds"], results["refine_seconds_per_sample"] = build_methods(
-      gen, layer, factors, seconds, coeff_std, matches, train, test, config)
+    gen, layer, factors, seconds, coeff_std, matches, train, test, config
+  )
   log("train seconds " + str(results["train_seconds"]))
   for name in METHODS:
     start = time.time()
     results["roir"][name], chosen = evaluate_method(methods[name], val, test, config)
     results["selected"][name] = chosen
-    log(f"{name}: {time.time() - start:.1f} s, " + ", ".join(
-        f"{r} {results['roir'][name][r]['mean']}" for r in ROIS))
+    log(
+      f"{name}: {time.time() - start:.1f} s, "
+      + ", ".join(f"{r} {results['roir'][name][r]['mean']}" for r in ROIS)
+    )
     results.setdefault("eval_seconds", {})[name] = time.time() - start
   results["edit_layer"], results["edit_rank_s"], results["roi_matches"] = layer, rank_s, matches
 
-  results = common.jsonable(results)
+  results = json_io.jsonable(results)
   write(out, results)
   figures(out, gen, methods, results, test)
   if config.sensitivity:  # The table is written first: this part is long.
-    results["sensitivity"] = common.jsonable(
-        sensitivity(gen, layer, rank_s, factors, val, test, config))
+    results["sensitivity"] = json_io.jsonable(
+      sensitivity(gen, layer, rank_s, factors, val, test, config)
+    )
     write(out, results)
     sensitivity_figure(out, results["sensitivity"])
   return results
 
 
-def build_methods(gen, layer, factors, fit_seconds, coeff_std, matches, train: Data, test: Data,
-                  config):
+def build_methods(
+  gen, layer, factors, fit_seconds, coeff_std, matches, train: Data, test: Data, config
+):
   """`(methods, train_seconds, refine seconds per sample)` of the five methods.
 
   Training time (wall clock, JIT compilation included): PandA's feature
@@ -465,19 +435,29 @@ def build_methods(gen, layer, factors, fit_seconds, coeff_std, matches, train: D
   spread of the W samples along them); StyleSpace's channel scoring.
   """
   seconds = {"panda_global": fit_seconds}
-  methods = {"panda_global": panda_method(gen, layer, factors, matches, coeff_std, config)}
+  methods = {
+    "panda_global": candidates.panda(gen, layer, factors, matches, coeff_std, config.strengths)
+  }
   refine = _panda_refiner(factors, config)
   start = time.time()
   _parts_of(gen, layer, test, refine, factors, config).block_until_ready()
   per_sample = (time.time() - start) / len(test.indices)
   seconds["panda_refined"] = fit_seconds + per_sample * len(test.indices)
-  methods["panda_refined"] = panda_method(gen, layer, factors, matches, coeff_std, config, refine)
+  methods["panda_refined"] = candidates.panda(
+    gen, layer, factors, matches, coeff_std, config.strengths, refine
+  )
 
   start = time.time()
-  ws = sample_w(gen, jax.random.fold_in(common.keys(config.seed)[1], 1), config.ganspace_samples)
+  ws = candidates.sample_w(
+    gen, jax.random.fold_in(generator_ops.seed_keys(config.seed)[1], 1), config.ganspace_samples
+  )
   ranges = latent.layer_ranges(gen.num_ws)
-  methods["ganspace"] = latent_method(
-      gen, [(a, b, ganspace.fit(ws, config.num_directions)) for a, b in ranges], config)
+  methods["ganspace"] = candidates.latent_directions(
+    gen,
+    [(a, b, ganspace.fit(ws, config.num_directions)) for a, b in ranges],
+    config.strengths,
+    ROIS,
+  )
   seconds["ganspace"] = time.time() - start
 
   start = time.time()
@@ -485,19 +465,28 @@ def build_methods(gen, layer, factors, fit_seconds, coeff_std, matches, train: D
   for a, b in ranges:
     codes = [i for i in range(a, b) if i < stylespace.num_convs(gen.params)]
     if codes:
-      sefa_ranges.append((a, b, sefa.fit(sefa.style_kernels(gen.params, codes),
-                                         config.num_directions, ws)))
-  methods["sefa"] = latent_method(gen, sefa_ranges, config)
+      sefa_ranges.append(
+        (a, b, sefa.fit(sefa.style_kernels(gen.params, codes), config.num_directions, ws))
+      )
+  methods["sefa"] = candidates.latent_directions(gen, sefa_ranges, config.strengths, ROIS)
   seconds["sefa"] = time.time() - start
 
   start = time.time()
-  methods["stylespace"] = stylespace_method(gen, train, config)
+  methods["stylespace"] = candidates.stylespace_channels(
+    gen,
+    train.latents[: config.score_samples],
+    np.stack([train.subset(config.score_samples).masks(roi) for roi in ROIS]),
+    ROIS,
+    config.strengths,
+    config.style_candidates,
+    rgb=rgb_of,
+  )
   seconds["stylespace"] = time.time() - start
   return methods, seconds, per_sample
 
 
 def _default_layers(gen, quick: bool) -> list:
-  deepest = common.resolve_layer(gen, None)
+  deepest = sampling.resolve_layer(gen, None)
   earlier = [l for l in gen.layers if l <= deepest - 2]
   return [deepest] if quick or not earlier else [deepest, earlier[-1]]
 
@@ -519,143 +508,158 @@ def sensitivity(gen, layer, rank_s, factors, val: Data, test: Data, config) -> l
   val, test = val.subset(config.sensitivity_val), test.subset(config.sensitivity_test)
   fixed = float(min(factors.step_size_parts, factors.step_size_appearances))
   rc, steps = config.rank_c, config.steps
-  points = ([("rank_s", r, dict(rank_s=r)) for r in (rank_s // 2, rank_s, 2 * rank_s)]
-            + [("rank_c", c, dict(rank_c=c)) for c in (rc // 2, rc, 2 * rc)]
-            + [("steps", t, dict(steps=t)) for t in (steps // 4, steps, 2 * steps)]
-            + [("step_rule", "adaptive", {}), ("step_rule", "fixed", dict(step_size=fixed)),
-               ("step_rule", "adam", dict(method="adam", learning_rate=1e-2))])
+  points = (
+    [("rank_s", r, dict(rank_s=r)) for r in (rank_s // 2, rank_s, 2 * rank_s)]
+    + [("rank_c", c, dict(rank_c=c)) for c in (rc // 2, rc, 2 * rc)]
+    + [("steps", t, dict(steps=t)) for t in (steps // 4, steps, 2 * steps)]
+    + [
+      ("step_rule", "adaptive", {}),
+      ("step_rule", "fixed", dict(step_size=fixed)),
+      ("step_rule", "adam", dict(method="adam", learning_rate=1e-2)),
+    ]
+  )
   rows = []
-  for factor, value, options in points:
-    cfg = type(config)(**{**vars(config), "rank_c": options.pop("rank_c", rc),
-                          "steps": options.pop("steps", steps)})
+  for factor, value, fit_options in points:
+    cfg = type(config)(
+      **{
+        **vars(config),
+        "rank_c": fit_options.pop("rank_c", rc),
+        "steps": fit_options.pop("steps", steps),
+      }
+    )
     row = dict(factor=factor, value=value)
     log(f"sensitivity {factor} = {value}")
     try:
-      f, seconds, coeff_std = fit_panda(gen, layer, options.pop("rank_s", rank_s), cfg, **options)
+      f, seconds, coeff_std = fit_panda(
+        gen, layer, fit_options.pop("rank_s", rank_s), cfg, **fit_options
+      )
     except FloatingPointError as err:
       rows.append({**row, "error": str(err)})
       continue
     ious = part_iou(gen, layer, f, val, test, cfg, variants={"global": None})["global"]
-    method = panda_method(gen, layer, f, roi_matches(gen, layer, f.parts, val), coeff_std, cfg)
+    method = candidates.panda(
+      gen, layer, f, roi_matches(gen, layer, f.parts, val), coeff_std, cfg.strengths
+    )
     roir, _ = evaluate_method(method, val, test, cfg)
     means = [roir[r]["mean"] for r in ROIS if roir[r]["mean"] is not None]
-    rows.append({**row, "fit_seconds": seconds, "final_loss": float(f.loss_history[-1]),
-                 "part_iou_mean": ious["mean_over_parts"], "roir": roir,
-                 "roir_mean_over_rois": float(np.mean(means)) if means else None})
+    rows.append(
+      {
+        **row,
+        "fit_seconds": seconds,
+        "final_loss": float(f.loss_history[-1]),
+        "part_iou_mean": ious["mean_over_parts"],
+        "roir": roir,
+        "roir_mean_over_rois": float(np.mean(means)) if means else None,
+      }
+    )
   return rows
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def _fmt(entry) -> str:
-  return "n/a" if entry["mean"] is None else f"{entry['mean']:.2f} ± {entry['std']:.2f}"
-
-
 def table(results: dict) -> str:
   """Markdown: the ROIR table (Table 2 layout), part IoU, and the sensitivity study."""
-  lines = [f"ROIR (Eq. 13, lower is better), mean ± std over test samples; PandA at layer "
-           f"{results['edit_layer']}, R_S = {results['edit_rank_s']}; train s = wall-clock "
-           "training time on this machine (JIT compilation included).", "",
-           "| method | " + " | ".join(ROIS) + " | train s |", "|---" * (len(ROIS) + 2) + "|"]
+  lines = [
+    f"ROIR (Eq. 13, lower is better), mean ± std over test samples; PandA at layer "
+    f"{results['edit_layer']}, R_S = {results['edit_rank_s']}; train s = wall-clock "
+    "training time on this machine (JIT compilation included).",
+    "",
+    "| method | " + " | ".join(ROIS) + " | train s |",
+    "|---" * (len(ROIS) + 2) + "|",
+  ]
   for m in METHODS:
-    lines.append(f"| {m} | " + " | ".join(_fmt(results["roir"][m][r]) for r in ROIS)
-                 + f" | {results['train_seconds'][m]:.1f} |")
+    lines.append(
+      f"| {m} | "
+      + " | ".join(outputs.mean_std(results["roir"][m][r]) for r in ROIS)
+      + f" | {results['train_seconds'][m]:.1f} |"
+    )
   first = results["part_iou_settings"][0]
   names = [p for p, e in first["part_iou"]["global"].items() if isinstance(e, dict)]
-  lines += ["", f"Part IoU with the matched ground-truth part (layer {first['layer']}, R_S = "
-            f"{first['rank_s']}), mean ± std over test samples:", "",
-            "| variant | " + " | ".join(names) + " | mean |", "|---" * (len(names) + 2) + "|"]
+  lines += [
+    "",
+    f"Part IoU with the matched ground-truth part (layer {first['layer']}, R_S = "
+    f"{first['rank_s']}), mean ± std over test samples:",
+    "",
+    "| variant | " + " | ".join(names) + " | mean |",
+    "|---" * (len(names) + 2) + "|",
+  ]
   for variant, entry in first["part_iou"].items():
-    lines.append(f"| {variant} | " + " | ".join(_fmt(entry[p]) for p in names)
-                 + f" | {entry['mean_over_parts']:.3f} |")
+    lines.append(
+      f"| {variant} | "
+      + " | ".join(outputs.mean_std(entry[p]) for p in names)
+      + f" | {entry['mean_over_parts']:.3f} |"
+    )
   variants = list(first["part_iou"])
-  lines += ["", "Part IoU, mean over parts, per setting:", "",
-            "| layer | R_S | " + " | ".join(variants) + " |", "|---" * (len(variants) + 2) + "|"]
+  lines += [
+    "",
+    "Part IoU, mean over parts, per setting:",
+    "",
+    "| layer | R_S | " + " | ".join(variants) + " |",
+    "|---" * (len(variants) + 2) + "|",
+  ]
   for row in results["part_iou_settings"]:
-    lines.append(f"| {row['layer']} | {row['rank_s']} | " + " | ".join(
-        f"{row['part_iou'][v]['mean_over_parts']:.3f}" for v in variants) + " |")
+    lines.append(
+      f"| {row['layer']} | {row['rank_s']} | "
+      + " | ".join(f"{row['part_iou'][v]['mean_over_parts']:.3f}" for v in variants)
+      + " |"
+    )
   if results.get("sensitivity"):
-    lines += ["", "Sensitivity (panda_global, one factor at a time; ROIR per ROI, mean):", "",
-              "| factor | value | final loss | part IoU | " + " | ".join(ROIS) + " |",
-              "|---" * (len(ROIS) + 4) + "|"]
+    lines += [
+      "",
+      "Sensitivity (panda_global, one factor at a time; ROIR per ROI, mean):",
+      "",
+      "| factor | value | final loss | part IoU | " + " | ".join(ROIS) + " |",
+      "|---" * (len(ROIS) + 4) + "|",
+    ]
     for row in results["sensitivity"]:
       if "error" in row:
         lines.append(f"| {row['factor']} | {row['value']} | diverged | | " + " | " * len(ROIS))
         continue
-      cells = ["n/a" if row["roir"][r]["mean"] is None else f"{row['roir'][r]['mean']:.2f}"
-               for r in ROIS]
-      lines.append(f"| {row['factor']} | {row['value']} | {row['final_loss']:.4g} | "
-                   f"{row['part_iou_mean']:.3f} | " + " | ".join(cells) + " |")
+      cells = [
+        "n/a" if row["roir"][r]["mean"] is None else f"{row['roir'][r]['mean']:.2f}" for r in ROIS
+      ]
+      lines.append(
+        f"| {row['factor']} | {row['value']} | {row['final_loss']:.4g} | "
+        f"{row['part_iou_mean']:.3f} | " + " | ".join(cells) + " |"
+      )
   return "\n".join(lines) + "\n"
 
 
 def write(out: str, results: dict) -> None:
-  if not common.is_writer():
+  """`OUT/results.json` (atomically) and `OUT/roir_table.md` (process 0)."""
+  if not distributed.is_writer():
     return
-  path = os.path.join(out, "results.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=1, allow_nan=False)
-  os.replace(path + ".tmp", path)
+  json_io.write_json(os.path.join(out, "results.json"), results)
   with open(os.path.join(out, "roir_table.md"), "w") as f:
     f.write(table(results))
 
 
-def _bars(path, groups, series, values, errors, ylabel):
-  fig = Figure(figsize=(1.2 + 0.9 * len(groups), 3.2), dpi=100)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  width = 0.8 / len(series)
-  for k, name in enumerate(series):
-    x = np.arange(len(groups)) + (k - (len(series) - 1) / 2) * width
-    ax.bar(x, values[k], width, yerr=errors[k], label=name, capsize=2)
-  ax.set_xticks(np.arange(len(groups)), groups)
-  ax.set_ylabel(ylabel)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-
-
-def _strips(path, rows, masks):
-  """One montage row per `(title, images, is_error_map)`; ROI pixels dimmed on a copy of
-  the originals in the last row."""
-  rows = rows + [("ROI", np.where(masks[..., None] > 0, rows[0][1], -1 + 0.3 * (rows[0][1] + 1)),
-                  False)]
-  top = max([float(np.max(x)) for _, x, err in rows if err] + [1e-12])
-  inferno = colormaps["inferno"]
-  strips = []
-  for _, images, err in rows:
-    images = np.asarray(images)
-    shown = (inferno(np.clip(images / top, 0, 1))[..., :3] if err
-             else np.clip((images + 1) / 2, 0, 1))
-    strips.append(np.concatenate(list(np.pad(shown, ((0, 0), (1, 1), (1, 1), (0, 0)),
-                                             constant_values=1)), axis=1))
-  montage = np.concatenate(strips, axis=0)
-  h = montage.shape[0] / len(rows)
-  fig = Figure(figsize=(2 + montage.shape[1] / 24, 0.3 + montage.shape[0] / 24), dpi=100)
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot(1, 1, 1)
-  ax.imshow(montage, interpolation="nearest")
-  ax.set_yticks((np.arange(len(rows)) + 0.5) * h, [title for title, _, _ in rows], fontsize=7)
-  ax.set_xticks([])
-  fig.tight_layout()
-  fig.savefig(path)
-
-
 def figures(out: str, gen, methods: dict, results: dict, test: Data, num: int = 8) -> None:
-  """roir.png, part_iou.png, edits_<roi>.png."""
-  if not common.is_writer():
+  """roir.png, part_iou.png, edits_<roi>.png (every method's chosen edit of the ROI on the
+  first `num` test samples, their RMS change per pixel, and the ROI)."""
+  if not distributed.is_writer():
     return
   val = lambda e: np.nan if e["mean"] is None else e["mean"]
   err = lambda e: 0.0 if e["std"] is None else e["std"]
-  _bars(os.path.join(out, "roir.png"), ROIS, METHODS,
-        [[val(results["roir"][m][r]) for r in ROIS] for m in METHODS],
-        [[err(results["roir"][m][r]) for r in ROIS] for m in METHODS], "ROIR (lower is better)")
+  viz.plot_bars(
+    ROIS,
+    METHODS,
+    [[val(results["roir"][m][r]) for r in ROIS] for m in METHODS],
+    [[err(results["roir"][m][r]) for r in ROIS] for m in METHODS],
+    "ROIR (lower is better)",
+    os.path.join(out, "roir.png"),
+  )
   variants = list(results["part_iou"])
   parts = list(test.names)
-  _bars(os.path.join(out, "part_iou.png"), parts, variants,
-        [[results["part_iou"][v][p]["mean"] for p in parts] for v in variants],
-        [[results["part_iou"][v][p]["std"] for p in parts] for v in variants], "IoU")
+  viz.plot_bars(
+    parts,
+    variants,
+    [[results["part_iou"][v][p]["mean"] for p in parts] for v in variants],
+    [[results["part_iou"][v][p]["std"] for p in parts] for v in variants],
+    "IoU",
+    os.path.join(out, "part_iou.png"),
+  )
   shown = test.subset(num)
   for roi in ("eyes", "mouth"):
     rows = [("original", shown.rgb, False)]
@@ -665,30 +669,16 @@ def figures(out: str, gen, methods: dict, results: dict, test: Data, num: int = 
         edited = rgb_of(np.asarray(methods[m].prepare(shown.latents)(chosen["candidate"])))
         change = np.sqrt(np.mean(np.square(edited - shown.rgb), axis=-1))
         rows += [(m, edited, False), ("|change|", change, True)]
-    _strips(os.path.join(out, f"edits_{roi}.png"), rows, shown.masks(roi))
+    masks = shown.masks(roi)[..., None]  # ROI pixels kept, the rest dimmed.
+    rows.append(("ROI", np.where(masks > 0, shown.rgb, -1 + 0.3 * (shown.rgb + 1)), False))
+    viz.plot_strips(rows, os.path.join(out, f"edits_{roi}.png"))
 
 
 def sensitivity_figure(out: str, rows: list) -> None:
   """sensitivity.png: ROIR (mean over ROIs) and part IoU against each factor."""
-  if not common.is_writer():
-    return
-  factors = list(dict.fromkeys(r["factor"] for r in rows))
-  fig = Figure(figsize=(3.2 * len(factors), 2.8), dpi=100)
-  FigureCanvasAgg(fig)
-  for k, factor in enumerate(factors):
-    ax = fig.add_subplot(1, len(factors), k + 1)
-    pts = [r for r in rows if r["factor"] == factor and "error" not in r]
-    labels = [str(r["value"]) for r in pts]
-    ax.plot(labels, [np.nan if r["roir_mean_over_rois"] is None else r["roir_mean_over_rois"]
-                     for r in pts], "o-")
-    ax.set_ylabel("ROIR, mean over ROIs", color="C0", fontsize=8)
-    twin = ax.twinx()
-    twin.plot(labels, [r["part_iou_mean"] for r in pts], "s--", color="C1")
-    twin.set_ylabel("part IoU, mean over parts", color="C1", fontsize=8)
-    ax.set_title(factor)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "sensitivity.png"))
+  if distributed.is_writer():
+    viz.plot_sensitivity(rows, os.path.join(out, "sensitivity.png"))
 
 
 if __name__ == "__main__":
-  common.main(run, SPEC)
+  cli.main(run, SPEC)

@@ -70,6 +70,7 @@ The torch originals:
 
 Families not listed in `TORCH_FAMILIES` are reported under "skipped".
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,7 @@ from experiments.torch_worker import TorchProcess, cores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 DCGAN_WEIGHTS = "/work/dl/wheel/gan_face_generate/weights.tar"
-TORCH_FAMILIES = ("dcgan", "stylegan2", "biggan", "stylegan", "pggan", "stylegan3-t",
-                  "stylegan3-r")
+TORCH_FAMILIES = ("dcgan", "stylegan2", "biggan", "stylegan", "pggan", "stylegan3-t", "stylegan3-r")
 ALL_FAMILIES = ("stylegan", "stylegan2", "stylegan3-t", "stylegan3-r", "pggan", "biggan", "dcgan")
 OPS = ("generate", "split")
 MAX_REAL_BATCH = {"stylegan3-t": 8, "stylegan3-r": 1}  # Larger realistic batches are skipped.
@@ -120,18 +120,26 @@ def _unflatten(flat: dict) -> dict:
 
 def ffhq256_stylegan2_config() -> dict:
   """StyleGAN2-ADA's FFHQ-256 widths (cbase 16384, cmax 512)."""
-  return dict(z_dim=512, c_dim=0, w_dim=512, img_resolution=256, img_channels=3,
-              channels=[min(16384 // r, 512) for r in (4, 8, 16, 32, 64, 128, 256)],
-              mapping_layers=8)
+  return dict(
+    z_dim=512,
+    c_dim=0,
+    w_dim=512,
+    img_resolution=256,
+    img_channels=3,
+    channels=[min(16384 // r, 512) for r in (4, 8, 16, 32, 64, 128, 256)],
+    mapping_layers=8,
+  )
 
 
 def random_stylegan2_params(cfg, seed: int = 0) -> dict:
   """Parameters of the converted layout, drawn at the scales of a trained network."""
   from panda_jax.generators import stylegan2  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(seed)
-  flat = _flatten(jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
-                               stylegan2.param_shapes(cfg)))
+  flat = _flatten(
+    jax.tree.map(lambda s: np.zeros(s.shape, np.float32), stylegan2.param_shapes(cfg))
+  )
   for path, a in flat.items():
     name, parent = path.rsplit("/", 2)[-1], path.rsplit("/", 2)[-2] if "/" in path else ""
     if name == "kernel":
@@ -157,30 +165,43 @@ def ffhq256_genforce_config(arch: str) -> dict:
   default `fused_scale`: False for ProGAN, "auto" for StyleGAN (fused
   transposed convs at 128 and 256 px).
   """
-  cfg = dict(resolution=256, z_dim=512, image_channels=3, final_tanh=False,
-             fused_scale=False if arch == "pggan" else "auto")
+  cfg = dict(
+    resolution=256,
+    z_dim=512,
+    image_channels=3,
+    final_tanh=False,
+    fused_scale=False if arch == "pggan" else "auto",
+  )
   if arch == "stylegan":
     cfg["w_dim"] = 512
   return cfg
 
 
-def random_genforce_params(arch: str, cfg: dict, seed: int = 0, fmaps_base: int = 16384,
-                           fmaps_max: int = 512, mapping_layers: int = 8) -> dict:
+def random_genforce_params(
+  arch: str,
+  cfg: dict,
+  seed: int = 0,
+  fmaps_base: int = 16384,
+  fmaps_max: int = 512,
+  mapping_layers: int = 8,
+) -> dict:
   """ProGAN (`arch="pggan"`) or StyleGAN v1 parameters of the converted layout
-  (`panda_jax.generators.pggan` / `stylegan` docstrings), equalised-lr gains applied."""
-  from panda_jax.generators import pggan  # pylint: disable=import-outside-toplevel
+  (`panda_jax.generators.progan` / `stylegan1` docstrings), equalised-lr gains applied."""
+  from panda_jax.generators import progan  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(seed)
 
   def normal(*shape, std=1.0):
     return (std * rng.standard_normal(shape)).astype(np.float32)
 
-  num_layers = pggan.num_layers_for(cfg["resolution"])
+  num_layers = progan.num_layers_for(cfg["resolution"])
   c_in, params = cfg["z_dim"], {}
   if arch == "stylegan":
     w_dim = cfg["w_dim"]
-    params["mapping"] = {f"dense{i}": {"weight": normal(c, w_dim, std=np.sqrt(2 / c)),
-                                       "bias": normal(w_dim, std=0.1)}
-                         for i, c in enumerate([c_in] + [w_dim] * (mapping_layers - 1))}
+    params["mapping"] = {
+      f"dense{i}": {"weight": normal(c, w_dim, std=np.sqrt(2 / c)), "bias": normal(w_dim, std=0.1)}
+      for i, c in enumerate([c_in] + [w_dim] * (mapping_layers - 1))
+    }
     params["w_avg"] = normal(w_dim, std=0.1)
   for i in range(num_layers):
     res = 4 << (i // 2)
@@ -192,12 +213,19 @@ def random_genforce_params(arch: str, cfg: dict, seed: int = 0, fmaps_base: int 
       k = 4 if i == 0 else 3
       p["weight"] = normal(k, k, c_in, c, std=np.sqrt(2 / (k * k * c_in)))
     if arch == "stylegan":
-      p.update(noise=normal(1, res, res, 1), noise_strength=np.full(c, 0.1, np.float32),
-               style={"weight": normal(w_dim, 2 * c, std=1 / np.sqrt(w_dim)),
-                      "bias": normal(2 * c, std=0.1)})
+      p.update(
+        noise=normal(1, res, res, 1),
+        noise_strength=np.full(c, 0.1, np.float32),
+        style={
+          "weight": normal(w_dim, 2 * c, std=1 / np.sqrt(w_dim)),
+          "bias": normal(2 * c, std=0.1),
+        },
+      )
     params[f"layer{i}"], c_in = p, c
-  params["torgb"] = {"weight": normal(c_in, cfg["image_channels"], std=1 / np.sqrt(c_in)),
-                     "bias": normal(cfg["image_channels"], std=0.1)}
+  params["torgb"] = {
+    "weight": normal(c_in, cfg["image_channels"], std=1 / np.sqrt(c_in)),
+    "bias": normal(cfg["image_channels"], std=0.1),
+  }
   return params
 
 
@@ -206,11 +234,13 @@ def _lowpass(numtaps: int, cutoff: float, width: float, fs: float, radial: bool)
   or (radial) a jinc times the outer product of Kaiser windows `[t, t]`; None for t = 1."""
   import scipy.signal  # pylint: disable=import-outside-toplevel
   import scipy.special  # pylint: disable=import-outside-toplevel
+
   if numtaps == 1:
     return None
   if not radial:
-    return scipy.signal.firwin(numtaps=numtaps, cutoff=cutoff, width=width,
-                               fs=fs).astype(np.float32)
+    return scipy.signal.firwin(numtaps=numtaps, cutoff=cutoff, width=width, fs=fs).astype(
+      np.float32
+    )
   x = (np.arange(numtaps) - (numtaps - 1) / 2) / fs
   r = np.hypot(*np.meshgrid(x, x))
   f = scipy.special.j1(2 * cutoff * (np.pi * r)) / (np.pi * r)
@@ -220,9 +250,17 @@ def _lowpass(numtaps: int, cutoff: float, width: float, fs: float, radial: bool)
   return (f / f.sum()).astype(np.float32)
 
 
-def stylegan3_config(resolution: int, channel_base: int, channel_max: int, *, radial: bool,
-                     num_layers: int = 14, z_dim: int = 512, w_dim: int = 512,
-                     mapping_layers: int = 2) -> tuple[dict, dict]:
+def stylegan3_config(
+  resolution: int,
+  channel_base: int,
+  channel_max: int,
+  *,
+  radial: bool,
+  num_layers: int = 14,
+  z_dim: int = 512,
+  w_dim: int = 512,
+  mapping_layers: int = 2,
+) -> tuple[dict, dict]:
   """`(config, filters)` of a StyleGAN3-T (`radial=False`, 3x3 convs) or -R (1x1
   convs, radial down filters before the critically sampled layers) network, as
   `converters.stylegan3` writes the config; `filters[name] = (up, down)`.
@@ -240,7 +278,7 @@ def stylegan3_config(resolution: int, channel_base: int, channel_max: int, *, ra
   last_cutoff = resolution / 2
   exps = np.minimum(np.arange(num_layers + 1) / (num_layers - num_critical), 1)
   cutoffs = 2 * (last_cutoff / 2) ** exps
-  stopbands = 2 ** 2.1 * (last_cutoff * 2 ** 0.3 / 2 ** 2.1) ** exps
+  stopbands = 2**2.1 * (last_cutoff * 2**0.3 / 2**2.1) ** exps
   rates = np.exp2(np.ceil(np.log2(np.minimum(stopbands * 2, resolution))))
   half_widths = np.maximum(stopbands, rates / 2) - cutoffs
   sizes = rates + 2 * margin
@@ -258,21 +296,42 @@ def stylegan3_config(resolution: int, channel_base: int, channel_max: int, *, ra
     total = (sizes[i] - 1) * down + 1 - (sizes[j] + k - 1) * up + up_taps + down_taps - 2
     lo = int((total + up) // 2)
     name = f"L{i}_{int(sizes[i])}_{int(channels[i])}"
-    layer_cfgs.append(dict(
-        name=name, is_torgb=torgb, conv_clamp=256, in_channels=int(channels[j]),
-        out_channels=int(channels[i]), conv_kernel=k, up_factor=up, down_factor=down,
-        in_size=[int(sizes[j])] * 2, out_size=[int(sizes[i])] * 2,
-        padding=[lo, int(total) - lo, lo, int(total) - lo]))
+    layer_cfgs.append(
+      dict(
+        name=name,
+        is_torgb=torgb,
+        conv_clamp=256,
+        in_channels=int(channels[j]),
+        out_channels=int(channels[i]),
+        conv_kernel=k,
+        up_factor=up,
+        down_factor=down,
+        in_size=[int(sizes[j])] * 2,
+        out_size=[int(sizes[i])] * 2,
+        padding=[lo, int(total) - lo, lo, int(total) - lo],
+      )
+    )
     critical = i >= num_layers - num_critical
-    filters[name] = (_lowpass(up_taps, cutoffs[j], 2 * half_widths[j], tmp_rate, False),
-                     _lowpass(down_taps, cutoffs[i], 2 * half_widths[i], tmp_rate,
-                              radial and not critical))
-  config = dict(z_dim=z_dim, c_dim=0, w_dim=w_dim, img_resolution=resolution, img_channels=3,
-                input=dict(channels=int(channels[0]), size=[int(sizes[0])] * 2,
-                           sampling_rate=float(rates[0]), bandwidth=float(cutoffs[0])),
-                layers=layer_cfgs, output_scale=0.25,
-                mapping=dict(mapping_layers=mapping_layers, mapping_features=w_dim,
-                             mapping_activation="lrelu"))
+    filters[name] = (
+      _lowpass(up_taps, cutoffs[j], 2 * half_widths[j], tmp_rate, False),
+      _lowpass(down_taps, cutoffs[i], 2 * half_widths[i], tmp_rate, radial and not critical),
+    )
+  config = dict(
+    z_dim=z_dim,
+    c_dim=0,
+    w_dim=w_dim,
+    img_resolution=resolution,
+    img_channels=3,
+    input=dict(
+      channels=int(channels[0]),
+      size=[int(sizes[0])] * 2,
+      sampling_rate=float(rates[0]),
+      bandwidth=float(cutoffs[0]),
+    ),
+    layers=layer_cfgs,
+    output_scale=0.25,
+    mapping=dict(mapping_layers=mapping_layers, mapping_features=w_dim, mapping_activation="lrelu"),
+  )
   return config, filters
 
 
@@ -283,63 +342,91 @@ def random_stylegan3_params(config: dict, filters: dict, seed: int = 0) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from panda_jax.generators import stylegan2  # pylint: disable=import-outside-toplevel
   from panda_jax.generators import stylegan3  # pylint: disable=import-outside-toplevel
+
   rng = np.random.default_rng(seed)
 
   def normal(*shape, std=1.0):
     return (std * rng.standard_normal(shape)).astype(np.float32)
 
-  cfg = stylegan3.parse_config(config)
+  filter_params = {
+    name: {k: f for k, f in zip(("up_filter", "down_filter"), pair) if f is not None}
+    for name, pair in filters.items()
+  }
+  cfg = stylegan3.Config.from_dict(config, {"layers": filter_params})
   w_dim, c = cfg.mapping.w_dim, cfg.input.channels
-  mapping = _flatten(jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
-                                  stylegan2.mapping_param_shapes(cfg.mapping)))
+  mapping = _flatten(
+    jax.tree.map(
+      lambda s: np.zeros(s.shape, np.float32), stylegan2.mapping_param_shapes(cfg.mapping)
+    )
+  )
   for path, a in mapping.items():
-    a[...] = (normal(*a.shape, std=1 / np.sqrt(a.shape[0])) if path.endswith("kernel")
-              else normal(*a.shape, std=0.1))
+    a[...] = (
+      normal(*a.shape, std=1 / np.sqrt(a.shape[0]))
+      if path.endswith("kernel")
+      else normal(*a.shape, std=0.1)
+    )
   freqs = normal(c, 2)
-  radii = np.sqrt(np.sum(freqs ** 2, axis=1, keepdims=True))
-  freqs = freqs / (radii * np.exp(radii ** 2) ** 0.25) * cfg.input.bandwidth
-  params = {"mapping": _unflatten(mapping), "layers": {}, "input": {
-      "weight": normal(c, c, std=1 / np.sqrt(c)), "transform": np.eye(3, dtype=np.float32),
-      "affine": {"kernel": normal(w_dim, 4, std=0.1 / np.sqrt(w_dim)),
-                 "bias": np.float32([1, 0, 0, 0])},
+  radii = np.sqrt(np.sum(freqs**2, axis=1, keepdims=True))
+  freqs = freqs / (radii * np.exp(radii**2) ** 0.25) * cfg.input.bandwidth
+  params = {
+    "mapping": _unflatten(mapping),
+    "layers": {},
+    "input": {
+      "weight": normal(c, c, std=1 / np.sqrt(c)),
+      "transform": np.eye(3, dtype=np.float32),
+      "affine": {
+        "kernel": normal(w_dim, 4, std=0.1 / np.sqrt(w_dim)),
+        "bias": np.float32([1, 0, 0, 0]),
+      },
       "freqs": freqs.astype(np.float32),
-      "phases": (rng.random(c) - 0.5).astype(np.float32)}}
-  ws = stylegan2.mapping_latents(params["mapping"], cfg.mapping, normal(1, cfg.mapping.z_dim),
-                                 num_ws=cfg.num_ws)
-  x = stylegan3.fourier_input(params["input"], cfg.input, ws[:, 0])
+      "phases": (rng.random(c) - 0.5).astype(np.float32),
+    },
+  }
+  ws = stylegan2.mapping_latents(
+    params["mapping"], cfg.mapping, normal(1, cfg.mapping.z_dim), num_ws=cfg.num_ws
+  )
+  x = stylegan3.synthesis_input(params["input"], cfg.input, ws[:, 0])
   for i, layer in enumerate(cfg.layers):
     k, c_in, c_out = layer.conv_kernel, layer.in_channels, layer.out_channels
-    p = {"weight": normal(k, k, c_in, c_out), "bias": normal(c_out, std=0.1),
-         "affine": {"kernel": normal(w_dim, c_in, std=1 / np.sqrt(w_dim)),
-                    "bias": np.ones(c_in, np.float32)},
-         "magnitude_ema": np.float32(np.mean(np.square(np.asarray(x))))}
-    for name, f in zip(("up_filter", "down_filter"), filters[layer.name]):
-      if f is not None:
-        p[name] = f
+    p = {
+      "weight": normal(k, k, c_in, c_out),
+      "bias": normal(c_out, std=0.1),
+      "affine": {
+        "kernel": normal(w_dim, c_in, std=1 / np.sqrt(w_dim)),
+        "bias": np.ones(c_in, np.float32),
+      },
+      "magnitude_ema": np.float32(np.mean(np.square(np.asarray(x)))),
+      **filter_params[layer.name],
+    }
     params["layers"][layer.name] = p
-    x = stylegan3._synthesis_layer(  # pylint: disable=protected-access
-        jax.tree.map(jax.numpy.asarray, p), layer, x, ws[:, 1 + i])
+    x = stylegan3.synthesis_layer(jax.tree.map(jax.numpy.asarray, p), layer, x, ws[:, 1 + i])
   return params
 
 
-def build_case(family: str, config: str, workdir: str, dcgan_weights: str,
-               torch_proc=None, biggan_package=None):
+def build_case(
+  family: str, config: str, workdir: str, dcgan_weights: str, torch_proc=None, biggan_package=None
+):
   """`(gen, torch_spec)` of a family at `config` ("fixture" or "real"), or a skip reason (str)."""
   import converters  # pylint: disable=import-outside-toplevel
   from panda_jax import generators  # pylint: disable=import-outside-toplevel
+
   if family not in TORCH_FAMILIES:
     return "no torch original in this benchmark yet"
   if family == "biggan":
     if not os.path.isdir(os.path.join(biggan_package or "", "pytorch_pretrained_biggan")):
-      return (f"pytorch-pretrained-biggan not found under --biggan_package={biggan_package!r} "
-              "(pip download --no-deps pytorch-pretrained-biggan==0.1.1 and unzip the wheel)")
+      return (
+        f"pytorch-pretrained-biggan not found under --biggan_package={biggan_package!r} "
+        "(pip download --no-deps pytorch-pretrained-biggan==0.1.1 and unzip the wheel)"
+      )
     src = os.path.join(FIXTURES, "biggan")
     if config == "real":  # The package's default config is biggan-deep-128's.
       src = os.path.join(workdir, "biggan_deep_128")
       torch_proc.call(cmd="make_biggan", dst=src, package=biggan_package)
     arch, cfg, params = converters.convert(src)
-    return (generators.base.registered()[arch](cfg, params),
-            {"family": "biggan", "folder": src, "package": biggan_package})
+    return (
+      generators.base.registered()[arch](cfg, params),
+      {"family": "biggan", "folder": src, "package": biggan_package},
+    )
   if family == "dcgan":
     src = os.path.join(FIXTURES, "dcgan", "weights.tar") if config == "fixture" else dcgan_weights
     if not os.path.exists(src):
@@ -351,8 +438,14 @@ def build_case(family: str, config: str, workdir: str, dcgan_weights: str,
   npz = os.path.join(workdir, f"{family}_{config}.npz")
   np.savez(npz, **_flatten(params))
   if arch == "stylegan2":
-    keep = ("channels", "img_resolution", "conv_clamp", "architecture", "resample_filter",
-            "kernel_size")
+    keep = (
+      "channels",
+      "img_resolution",
+      "conv_clamp",
+      "architecture",
+      "resample_filter",
+      "kernel_size",
+    )
     torch_cfg = {k: v for k, v in gen.cfg.__dict__.items() if k in keep}
     torch_cfg["channels"] = list(torch_cfg["channels"])
   else:
@@ -364,18 +457,25 @@ def _converted_or_random(family: str, config: str) -> tuple[str, dict, dict]:
   """`(arch, config, params)` of a StyleGAN or ProGAN family: the fixture converted
   by `converters`, or the realistic config with random weights (module docstring)."""
   import converters  # pylint: disable=import-outside-toplevel
-  fixture_files = {"stylegan2": "stylegan2/network-snapshot.pkl",
-                   "stylegan3-t": "stylegan3/network-snapshot.pkl",
-                   "stylegan": "stylegan/stylegan.pth", "pggan": "pggan/pggan.pth"}
+
+  fixture_files = {
+    "stylegan2": "stylegan2/network-snapshot.pkl",
+    "stylegan3-t": "stylegan3/network-snapshot.pkl",
+    "stylegan": "stylegan/stylegan.pth",
+    "pggan": "pggan/pggan.pth",
+  }
   if family == "stylegan3-r":  # No R fixture: the T fixture's schedule with R's layers.
-    cfg, filters = (stylegan3_config(32, 2048, 64, radial=True, num_layers=6, z_dim=64,
-                                     w_dim=64) if config == "fixture" else
-                    stylegan3_config(256, 65536, 1024, radial=True))
+    cfg, filters = (
+      stylegan3_config(32, 2048, 64, radial=True, num_layers=6, z_dim=64, w_dim=64)
+      if config == "fixture"
+      else stylegan3_config(256, 65536, 1024, radial=True)
+    )
     return "stylegan3", cfg, random_stylegan3_params(cfg, filters)
   if config == "fixture":
     return converters.convert(os.path.join(FIXTURES, fixture_files[family]))
   if family == "stylegan2":
     from panda_jax.generators import stylegan2  # pylint: disable=import-outside-toplevel
+
     cfg = ffhq256_stylegan2_config()
     return "stylegan2", cfg, random_stylegan2_params(stylegan2.Config.from_dict(cfg))
   if family == "stylegan3-t":
@@ -396,6 +496,7 @@ def inputs(gen, family: str, batch: int, seed: int):
   z = np.clip(z, -2, 2) * truncation  # Truncated noise, as the package's sampler.
   c = np.eye(gen.c_dim, dtype=np.float32)[rng.integers(0, gen.c_dim, batch)]
   import jax  # pylint: disable=import-outside-toplevel
+
   lat = jax.tree.map(np.asarray, gen.latents(z, c, truncation_psi=truncation))
   return lat, {"z": z, "c": c, "truncation": np.float64(truncation)}
 
@@ -407,6 +508,7 @@ def _torch_dcgan(spec):
   """The tutorial generator, from the checkpoint file: `run(z, stop)` NCHW."""
   import torch  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
+
   ckpt = torch.load(spec["weights"], map_location="cpu", weights_only=True)
   for key in ("netG_state_dict", "netG", "state_dict"):
     if isinstance(ckpt, dict) and key in ckpt:
@@ -428,9 +530,10 @@ def _torch_dcgan(spec):
 
   def run(inputs, stop=None):
     x = inputs["x"][:, :, None, None]
-    for m in main if stop is None else main[:3 * stop]:
+    for m in main if stop is None else main[: 3 * stop]:
       x = m(x)
     return x
+
   return run
 
 
@@ -438,6 +541,7 @@ def _torch_stylegan2(spec):
   """The synthesis network's CPU inference path (module docstring): `run(ws, stop)` NCHW."""
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
   cfg = spec["config"]
   if cfg.get("architecture", "skip") != "skip" or cfg["kernel_size"] != 3:
     raise ValueError("the torch StyleGAN2 here supports the skip architecture, 3x3 kernels")
@@ -455,8 +559,8 @@ def _torch_stylegan2(spec):
       x = x.reshape(n, c, h * up, w * up)
     x0, x1, y0, y1 = pad
     x = F.pad(x, [max(x0, 0), max(x1, 0), max(y0, 0), max(y1, 0)])
-    x = x[:, :, max(-y0, 0):x.shape[2] - max(-y1, 0), max(-x0, 0):x.shape[3] - max(-x1, 0)]
-    f = (f1 * gain ** 0.5).flip(0)
+    x = x[:, :, max(-y0, 0) : x.shape[2] - max(-y1, 0), max(-x0, 0) : x.shape[3] - max(-x1, 0)]
+    f = (f1 * gain**0.5).flip(0)
     x = F.conv2d(x, f[None, None, None, :].repeat(c, 1, 1, 1), groups=c)
     return F.conv2d(x, f[None, None, :, None].repeat(c, 1, 1, 1), groups=c)
 
@@ -474,8 +578,9 @@ def _torch_stylegan2(spec):
       fw, pad = f1.shape[0], k // 2
       p0, p1 = pad + (fw + 1) // 2 - (k - 1), pad + (fw - 2) // 2 - (k - 2)
       pt = max(min(-p0, -p1), 0)
-      x = F.conv_transpose2d(x, wt.transpose(1, 2).reshape(n * i, o, k, k), stride=2,
-                             padding=pt, groups=n)
+      x = F.conv_transpose2d(
+        x, wt.transpose(1, 2).reshape(n * i, o, k, k), stride=2, padding=pt, groups=n
+      )
       x = upfirdn2d(x, 1, (p0 + pt, p1 + pt, p0 + pt, p1 + pt), 4)
     return x.reshape(n, o, x.shape[2], x.shape[3])
 
@@ -485,14 +590,22 @@ def _torch_stylegan2(spec):
   convs = []
   for l in range(num_layers):
     q = f"synthesis/convs_{l}/"
-    convs.append((p[q + "affine/kernel"], p[q + "affine/bias"], oihw(p[q + "weight"]),
-                  p[q + "bias"], p[q + "noise_strength"] * p[q + "noise_const"],
-                  2 if l % 2 == 1 else 1))
+    convs.append(
+      (
+        p[q + "affine/kernel"],
+        p[q + "affine/bias"],
+        oihw(p[q + "weight"]),
+        p[q + "bias"],
+        p[q + "noise_strength"] * p[q + "noise_const"],
+        2 if l % 2 == 1 else 1,
+      )
+    )
   torgbs = []
   for j in range(len(channels)):
     q = f"synthesis/torgbs_{j}/"
-    torgbs.append((p[q + "affine/kernel"], p[q + "affine/bias"], oihw(p[q + "weight"]),
-                   p[q + "bias"]))
+    torgbs.append(
+      (p[q + "affine/kernel"], p[q + "affine/bias"], oihw(p[q + "weight"]), p[q + "bias"])
+    )
   const = p["synthesis/const"].permute(2, 0, 1)
   gain = np.sqrt(2)
 
@@ -515,11 +628,13 @@ def _torch_stylegan2(spec):
       if clamp is not None:
         x = x.clamp_(-clamp * gain, clamp * gain)
     return to_rgb(x, img, ws, num_layers) if stop is None else x
+
   return run
 
 
 def _torch_params(spec) -> dict:
   import torch  # pylint: disable=import-outside-toplevel
+
   return {k: torch.from_numpy(v) for k, v in np.load(spec["params"]).items()}
 
 
@@ -540,6 +655,7 @@ def _torch_genforce(spec):
   """
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
   cfg, p = spec["config"], _torch_params(spec)
   style = spec["family"] == "stylegan"
   num_layers = 2 * (cfg["resolution"].bit_length() - 2)
@@ -548,8 +664,11 @@ def _torch_genforce(spec):
   convs = []
   for i in range(num_layers):
     q, res = f"layer{i}/", 4 << (i // 2)
-    fused = i > 0 and i % 2 == 0 and (res >= 128 if cfg["fused_scale"] == "auto"
-                                      else bool(cfg["fused_scale"]))
+    fused = (
+      i > 0
+      and i % 2 == 0
+      and (res >= 128 if cfg["fused_scale"] == "auto" else bool(cfg["fused_scale"]))
+    )
     layer = {"bias": p[q + "bias"].view(1, -1, 1, 1), "kind": "conv3x3"}
     c = layer["bias"].shape[1]
     if i == 0:
@@ -565,8 +684,9 @@ def _torch_genforce(spec):
     else:
       layer.update(weight=_oihw(p[q + "weight"]), up=i % 2 == 0)
     if style:
-      layer["noise"] = (p[q + "noise"].permute(0, 3, 1, 2)
-                        * p[q + "noise_strength"].view(1, -1, 1, 1))
+      layer["noise"] = p[q + "noise"].permute(0, 3, 1, 2) * p[q + "noise_strength"].view(
+        1, -1, 1, 1
+      )
       layer["style"] = (p[q + "style/weight"], p[q + "style/bias"])
       if i > 0 and i % 2 == 0:
         layer["blur"] = blur[None, None].repeat(c, 1, 1, 1)
@@ -611,6 +731,7 @@ def _torch_genforce(spec):
       return x
     img = F.conv2d(x if style else pixel_norm(x), torgb[0], torgb[1])
     return torch.tanh(img) if cfg["final_tanh"] else img
+
   return run
 
 
@@ -624,15 +745,15 @@ def _torch_upfirdn2d(x, f, up: int, down: int, pad, gain: float):
   alone costs as much), the downsampling pass a depthwise conv of stride `down`.
   """
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
   c = x.shape[1]
   x0, x1, y0, y1 = pad
   if f is None:  # The identity filter.
     return F.pad(x, [x0, x1, y0, y1])[:, :, ::down, ::down] * gain
   if f.ndim == 2:  # Radial (StyleGAN3-R), downsampling only.
     x = F.pad(x, [x0, x1, y0, y1])
-    return F.conv2d(x, (f.flip(0, 1) * gain)[None, None].repeat(c, 1, 1, 1), groups=c,
-                    stride=down)
-  t, f = f.shape[0], f * gain ** 0.5
+    return F.conv2d(x, (f.flip(0, 1) * gain)[None, None].repeat(c, 1, 1, 1), groups=c, stride=down)
+  t, f = f.shape[0], f * gain**0.5
   if up > 1:  # Transposed conv output m is the padded, zero-inserted signal's m + t - 1 - pad0.
     x = F.conv_transpose2d(x, f.view(1, 1, 1, t).repeat(c, 1, 1, 1), stride=(1, up), groups=c)
     x = F.pad(x, [x0 - t + 1, x1 + up - t])
@@ -655,14 +776,17 @@ def _torch_stylegan3(spec):
   """
   import torch  # pylint: disable=import-outside-toplevel
   import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
   cfg, p = spec["config"], _torch_params(spec)
   inp = cfg["input"]
   size_w, size_h = inp["size"]
   rate, band = inp["sampling_rate"], inp["bandwidth"]
-  gx = torch.tensor(((2 * np.arange(size_w) + 1) / size_w - 1) * (0.5 * size_w / rate),
-                    dtype=torch.float32)
-  gy = torch.tensor(((2 * np.arange(size_h) + 1) / size_h - 1) * (0.5 * size_h / rate),
-                    dtype=torch.float32)
+  gx = torch.tensor(
+    ((2 * np.arange(size_w) + 1) / size_w - 1) * (0.5 * size_w / rate), dtype=torch.float32
+  )
+  gy = torch.tensor(
+    ((2 * np.arange(size_h) + 1) / size_h - 1) * (0.5 * size_h / rate), dtype=torch.float32
+  )
 
   def fourier(w):
     """The input layer: `w [n, w_dim] -> [n, c, h, w]`."""
@@ -678,8 +802,11 @@ def _torch_stylegan3(spec):
     phases = p["input/phases"][None] + (freqs @ mat[:, :2, 2:]).squeeze(2)  # [n, c]
     freqs = freqs @ mat[:, :2, :2]  # [n, c, 2]
     amps = (1 - (freqs.norm(dim=2) - band) / (rate / 2 - band)).clamp(0, 1)
-    x = (gx[None, None, :, None] * freqs[:, None, None, :, 0]
-         + gy[None, :, None, None] * freqs[:, None, None, :, 1] + phases[:, None, None, :])
+    x = (
+      gx[None, None, :, None] * freqs[:, None, None, :, 0]
+      + gy[None, :, None, None] * freqs[:, None, None, :, 1]
+      + phases[:, None, None, :]
+    )
     x = torch.sin(x * (2 * np.pi)) * amps[:, None, None, :]  # [n, h, w, c]
     return (x @ p["input/weight"]).permute(0, 3, 1, 2)
 
@@ -689,10 +816,17 @@ def _torch_stylegan3(spec):
     w = _oihw(p[q + "weight"])
     if not lc["is_torgb"]:  # Weight normalised per output channel (a constant).
       w = w * w.square().mean(dim=[1, 2, 3], keepdim=True).rsqrt()
-    layers.append(dict(lc, weight=w, bias=p[q + "bias"].view(1, -1, 1, 1),
-                       affine=(p[q + "affine/kernel"], p[q + "affine/bias"]),
-                       input_gain=p[q + "magnitude_ema"].rsqrt(),
-                       up_filter=p.get(q + "up_filter"), down_filter=p.get(q + "down_filter")))
+    layers.append(
+      dict(
+        lc,
+        weight=w,
+        bias=p[q + "bias"].view(1, -1, 1, 1),
+        affine=(p[q + "affine/kernel"], p[q + "affine/bias"]),
+        input_gain=p[q + "magnitude_ema"].rsqrt(),
+        up_filter=p.get(q + "up_filter"),
+        down_filter=p.get(q + "down_filter"),
+      )
+    )
 
   def layer_forward(layer, x, w):
     n, c_in, h, wd = x.shape
@@ -706,12 +840,11 @@ def _torch_stylegan3(spec):
     if not torgb:
       wm = wm * (wm.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()[:, :, None, None, None]
     wm = wm * layer["input_gain"]
-    x = F.conv2d(x.reshape(1, n * c_in, h, wd), wm.reshape(-1, c_in, k, k), padding=k - 1,
-                 groups=n)
+    x = F.conv2d(x.reshape(1, n * c_in, h, wd), wm.reshape(-1, c_in, k, k), padding=k - 1, groups=n)
     x = x.reshape(n, -1, x.shape[2], x.shape[3]) + layer["bias"]
     x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's depthwise convs: 2-100x.
     up, down, clamp = layer["up_factor"], layer["down_factor"], layer["conv_clamp"]
-    x = _torch_upfirdn2d(x, layer["up_filter"], up, 1, layer["padding"], up ** 2)
+    x = _torch_upfirdn2d(x, layer["up_filter"], up, 1, layer["padding"], up**2)
     if not torgb:
       x = F.leaky_relu(x, 0.2, inplace=True).mul_(np.sqrt(2))
     if clamp is not None:
@@ -724,12 +857,14 @@ def _torch_stylegan3(spec):
     for i in range(len(layers) if stop is None else stop):
       x = layer_forward(layers[i], x, ws[:, 1 + i])
     return x if stop is not None else x * cfg["output_scale"]
+
   return run
 
 
 def _import_biggan(package: str):
   """pytorch-pretrained-biggan from an unzipped wheel; its download helpers' imports stubbed."""
   import types  # pylint: disable=import-outside-toplevel
+
   for name in ("boto3", "requests", "botocore", "botocore.exceptions"):
     if name not in sys.modules:
       try:
@@ -740,12 +875,14 @@ def _import_biggan(package: str):
   if package not in sys.path:
     sys.path.insert(0, package)
   import pytorch_pretrained_biggan  # pylint: disable=import-outside-toplevel,import-error
+
   return pytorch_pretrained_biggan
 
 
 def _make_biggan(dst: str, package: str, seed: int = 0):
   """A biggan-deep-128 folder (`pytorch_model.bin`, `config.json`) with random weights."""
   import torch  # pylint: disable=import-outside-toplevel
+
   ppb = _import_biggan(package)
   torch.manual_seed(seed)
   model = ppb.BigGAN(ppb.BigGANConfig())
@@ -776,6 +913,7 @@ def _make_biggan(dst: str, package: str, seed: int = 0):
 def _torch_biggan(spec):
   """The package's `BigGAN` (`from_pretrained` of the folder): `run(inputs, stop)` NCHW."""
   import torch  # pylint: disable=import-outside-toplevel
+
   ppb = _import_biggan(spec["package"])
   model = ppb.BigGAN.from_pretrained(spec["folder"]).eval()
   gen = model.generator
@@ -790,17 +928,24 @@ def _torch_biggan(spec):
     for layer in gen.layers[:stop]:
       x = layer(x, cond, truncation) if isinstance(layer, ppb.model.GenBlock) else layer(x)
     return x
+
   return run
 
 
 def _torch_worker():
   """The torch process: JSON commands on stdin, one JSON answer per line on stdout."""
   import torch  # pylint: disable=import-outside-toplevel
+
   threads = int(os.environ.get("BENCH_TORCH_THREADS", cores()))
   torch.set_num_threads(threads)
-  builders = {"dcgan": _torch_dcgan, "stylegan2": _torch_stylegan2, "biggan": _torch_biggan,
-              "stylegan": _torch_genforce, "pggan": _torch_genforce,
-              "stylegan3": _torch_stylegan3}
+  builders = {
+    "dcgan": _torch_dcgan,
+    "stylegan2": _torch_stylegan2,
+    "biggan": _torch_biggan,
+    "stylegan": _torch_genforce,
+    "pggan": _torch_genforce,
+    "stylegan3": _torch_stylegan3,
+  }
   nets, cases = {}, {}
   out = sys.stdout
   sys.stdout = sys.stderr  # Stray prints must not corrupt the protocol.
@@ -848,6 +993,7 @@ def _stats(seconds: list[float]) -> dict:
 def bench_case(torch_proc, gen, spec, family, config, batch, op, rounds, workdir, seed=0):
   """One result row: interleaved rounds of one JAX and one torch call."""
   import jax  # pylint: disable=import-outside-toplevel
+
   layer = (gen.num_layers + 1) // 2
   lat, torch_inputs = inputs(gen, family, batch, seed)
   lat_dev = jax.device_put(lat)
@@ -862,8 +1008,9 @@ def bench_case(torch_proc, gen, spec, family, config, batch, op, rounds, workdir
   lat_path = os.path.join(workdir, "inputs.npz")
   res_path = os.path.join(workdir, "torch_out.npy")
   np.savez(lat_path, **torch_inputs)
-  torch_proc.call(cmd="setup", case=case, spec=spec, latents=lat_path, layer=layer, op=op,
-                  result=res_path)
+  torch_proc.call(
+    cmd="setup", case=case, spec=spec, latents=lat_path, layer=layer, op=op, result=res_path
+  )
   theirs = np.load(res_path)
   diff = float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
   jax_s, torch_s = [], []
@@ -872,27 +1019,54 @@ def bench_case(torch_proc, gen, spec, family, config, batch, op, rounds, workdir
     jax.block_until_ready(fn())
     jax_s.append(time.perf_counter() - t0)
     torch_s.append(torch_proc.call(cmd="time", case=case)["seconds"])
-  row = {"family": family, "config": config, "batch": batch, "op": op,
-         "layer": layer if op == "split" else None, "output_shape": list(ours.shape),
-         "torch_ms": _stats(torch_s), "jax_ms": _stats(jax_s), "jax_compile_s": compile_s,
-         "max_rel_diff": diff, "loadavg_1min": os.getloadavg()[0]}
+  row = {
+    "family": family,
+    "config": config,
+    "batch": batch,
+    "op": op,
+    "layer": layer if op == "split" else None,
+    "output_shape": list(ours.shape),
+    "torch_ms": _stats(torch_s),
+    "jax_ms": _stats(jax_s),
+    "jax_compile_s": compile_s,
+    "max_rel_diff": diff,
+    "loadavg_1min": os.getloadavg()[0],
+  }
   row["ratio_torch_over_jax"] = row["torch_ms"]["median"] / row["jax_ms"]["median"]
   return row
 
 
-def run(families, batches, configs, rounds, dcgan_weights=DCGAN_WEIGHTS, biggan_package=None,
-        log=print, out_path=None, torch_threads=None) -> dict:
+def run(
+  families,
+  batches,
+  configs,
+  rounds,
+  dcgan_weights=DCGAN_WEIGHTS,
+  biggan_package=None,
+  log=print,
+  out_path=None,
+  torch_threads=None,
+) -> dict:
   """The whole benchmark as a JSON-able dict (also written to `out_path` after every row).
 
   `torch_threads` defaults to the cores JAX uses (the protocol); fewer is a diagnostic.
   """
   threads = cores()
   torch_proc = TorchProcess(torch_threads or threads, WORKER)
-  out = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-         **torch_worker.environment(threads, torch_proc.info),
-         "settings": {"families": list(families), "batches": list(batches),
-                      "configs": list(configs), "rounds": rounds, "ops": list(OPS)},
-         "loadavg_start": list(os.getloadavg()), "results": [], "skipped": []}
+  out = {
+    "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    **torch_worker.environment(threads, torch_proc.info),
+    "settings": {
+      "families": list(families),
+      "batches": list(batches),
+      "configs": list(configs),
+      "rounds": rounds,
+      "ops": list(OPS),
+    },
+    "loadavg_start": list(os.getloadavg()),
+    "results": [],
+    "skipped": [],
+  }
   try:
     with tempfile.TemporaryDirectory() as workdir:
       for family in families:
@@ -930,21 +1104,26 @@ def _write(result: dict, path: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-TABLE_HEAD = ("| family | config | batch | op | torch min / median ms | jax min / median ms "
-              "| torch / jax (median) | max rel diff |\n|---|---|---|---|---|---|---|---|")
+TABLE_HEAD = (
+  "| family | config | batch | op | torch min / median ms | jax min / median ms "
+  "| torch / jax (median) | max rel diff |\n|---|---|---|---|---|---|---|---|"
+)
 
 
 def table_line(row: dict) -> str:
   t, j = row["torch_ms"], row["jax_ms"]
   op = row["op"] if row["layer"] is None else f"split@{row['layer']}"
-  return (f"| {row['family']} | {row['config']} | {row['batch']} | {op} | "
-          f"{t['min']:.2f} / {t['median']:.2f} | {j['min']:.2f} / {j['median']:.2f} | "
-          f"{row['ratio_torch_over_jax']:.2f} | {row['max_rel_diff']:.1e} |")
+  return (
+    f"| {row['family']} | {row['config']} | {row['batch']} | {op} | "
+    f"{t['min']:.2f} / {t['median']:.2f} | {j['min']:.2f} / {j['median']:.2f} | "
+    f"{row['ratio_torch_over_jax']:.2f} | {row['max_rel_diff']:.1e} |"
+  )
 
 
 def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   f = flags.FLAGS
   families = [s for s in f.families.split(",") if s]
   unknown = sorted(set(families) - set(ALL_FAMILIES))
@@ -953,8 +1132,16 @@ def main(argv):
   batches = [int(b) for b in f.batches.split(",") if b]
   configs = ["fixture"] if f.quick else [c for c in f.configs.split(",") if c]
   rounds = min(f.rounds, 3) if f.quick else f.rounds
-  result = run(families, batches, configs, rounds, f.dcgan_weights, f.biggan_package,
-               out_path=f.out, torch_threads=f.torch_threads)
+  result = run(
+    families,
+    batches,
+    configs,
+    rounds,
+    f.dcgan_weights,
+    f.biggan_package,
+    out_path=f.out,
+    torch_threads=f.torch_threads,
+  )
   print(TABLE_HEAD)
   for row in result["results"]:
     print(table_line(row))
@@ -962,20 +1149,28 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
+
   flags.DEFINE_string("out", None, "Write the JSON here.")
   flags.DEFINE_bool("quick", False, "Fixture configurations only, 3 rounds (< 60 s).")
-  flags.DEFINE_string("families", ",".join(TORCH_FAMILIES),
-                      f"Comma-separated, of {','.join(ALL_FAMILIES)}.")
+  flags.DEFINE_string(
+    "families", ",".join(TORCH_FAMILIES), f"Comma-separated, of {','.join(ALL_FAMILIES)}."
+  )
   flags.DEFINE_string("batches", "1,8,32", "Comma-separated batch sizes.")
   flags.DEFINE_string("configs", "fixture,real", "fixture and/or real (realistic widths).")
   flags.DEFINE_integer("rounds", 7, "Interleaved repetitions per case.")
-  flags.DEFINE_integer("torch_threads", None, "Default: the cores JAX uses (a diagnostic otherwise).")
+  flags.DEFINE_integer(
+    "torch_threads", None, "Default: the cores JAX uses (a diagnostic otherwise)."
+  )
   flags.DEFINE_string("dcgan_weights", DCGAN_WEIGHTS, "The real DCGAN's torch checkpoint.")
-  flags.DEFINE_string("biggan_package", os.environ.get("BIGGAN_PACKAGE"),
-                      "Folder holding pytorch_pretrained_biggan/ (the unzipped wheel).")
+  flags.DEFINE_string(
+    "biggan_package",
+    os.environ.get("BIGGAN_PACKAGE"),
+    "Folder holding pytorch_pretrained_biggan/ (the unzipped wheel).",
+  )
 
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=ungrouped-imports
+
   _define_flags()
   app.run(main)

@@ -22,6 +22,7 @@ the shard, the factors `(C r_c + S r_s)` and the generator's parameters.
 Simulated devices share this machine's cores, so time per sample cannot fall
 with more devices here; the memory figures are what a real device would hold.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _bytes(tree) -> int:
   import jax  # pylint: disable=import-outside-toplevel
+
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
@@ -49,6 +51,7 @@ def _memory(compiled) -> dict:
 
 def _seconds_per_call(fn, args, repeats: int) -> list[float]:
   import jax  # pylint: disable=import-outside-toplevel
+
   jax.block_until_ready(fn(*args))  # Compiles.
   times = []
   for _ in range(repeats):
@@ -75,11 +78,16 @@ def measure(spec: dict) -> dict:
     features = rng.random((d * per, spec["side"] * spec["side"], spec["channels"]), np.float32)
     data, params_bytes = features, 0
     batch = pj.shard_batch(features)
-    state = jax.pmap(lambda b: pj.init(b, rank_c, rank_s, key=key, axis_name=AXIS), AXIS,
-                     out_axes=None)(batch)
+    state = jax.pmap(
+      lambda b: pj.init(b, rank_c, rank_s, key=key, axis_name=AXIS), AXIS, out_axes=None
+    )(batch)
     args = (state, batch)
-    program = jax.pmap(lambda st, b: pj.run_steps(st, b, chunk, config, axis_name=AXIS), AXIS,
-                       in_axes=(None, 0), out_axes=None)
+    program = jax.pmap(
+      lambda st, b: pj.run_steps(st, b, chunk, config, axis_name=AXIS),
+      AXIS,
+      in_axes=(None, 0),
+      out_axes=None,
+    )
     s, c = features.shape[1:]
     shard_bytes = per * s * c * 4
   else:
@@ -91,14 +99,20 @@ def measure(spec: dict) -> dict:
     shard_bytes = 0  # Nothing stored: the batch exists only inside the step.
     keys = jax.random.split(key, d)
     state = jax.pmap(
-        lambda k, p: pj.init(pj.unfolded(data.sample(p, k)), rank_c, rank_s, key=key,
-                             axis_name=AXIS), AXIS, in_axes=(0, None), out_axes=None)(
-                                 keys, data.params)
+      lambda k, p: pj.init(pj.unfolded(data.sample(p, k)), rank_c, rank_s, key=key, axis_name=AXIS),
+      AXIS,
+      in_axes=(0, None),
+      out_axes=None,
+    )(keys, data.params)
     args = (state, keys, data.params)
     program = jax.pmap(
-        lambda st, k, p: pj.sampled_steps(st, pj.DeviceSampler(data.sample, p), k, 0, chunk,
-                                          config, axis_name=AXIS),
-        AXIS, in_axes=(None, 0, None), out_axes=None)
+      lambda st, k, p: pj.sampled_steps(
+        st, pj.DeviceSampler(data.sample, p), k, 0, chunk, config, axis_name=AXIS
+      ),
+      AXIS,
+      in_axes=(None, 0, None),
+      out_axes=None,
+    )
 
   # Timed through pmap itself (several processes: each passes its local shards);
   # the ahead-of-time compilation is only read for its memory analysis.
@@ -106,22 +120,33 @@ def measure(spec: dict) -> dict:
   compiled = program.lower(*args).compile()
   per_step = float(np.median(times)) / chunk
   samples = d * per * jax.process_count()
-  return dict(spec, processes=jax.process_count(), devices_per_process=d,
-              samples_per_step=samples, s=int(s), c=int(c),
-              seconds_per_step=per_step, seconds_per_step_per_sample=per_step / samples,
-              seconds_per_chunk=times, memory_per_device=_memory(compiled),
-              shard_bytes=shard_bytes, factors_bytes=(c * rank_c + s * rank_s) * 4,
-              generator_bytes=params_bytes)
+  return dict(
+    spec,
+    processes=jax.process_count(),
+    devices_per_process=d,
+    samples_per_step=samples,
+    s=int(s),
+    c=int(c),
+    seconds_per_step=per_step,
+    seconds_per_step_per_sample=per_step / samples,
+    seconds_per_chunk=times,
+    memory_per_device=_memory(compiled),
+    shard_bytes=shard_bytes,
+    factors_bytes=(c * rank_c + s * rank_s) * 4,
+    generator_bytes=params_bytes,
+  )
 
 
 def worker(spec_json: str) -> None:
   """Entry point of a row's process: configure the devices, then `measure`."""
   spec = json.loads(spec_json)
   import jax  # pylint: disable=import-outside-toplevel
+
   jax.config.update("jax_num_cpu_devices", spec["devices"])
   if spec.get("processes", 1) > 1:
-    jax.distributed.initialize(f"localhost:{spec['port']}", num_processes=spec["processes"],
-                               process_id=spec["process_id"])
+    jax.distributed.initialize(
+      f"localhost:{spec['port']}", num_processes=spec["processes"], process_id=spec["process_id"]
+    )
   print("ROW " + json.dumps(measure(spec)), flush=True)
 
 
@@ -137,44 +162,69 @@ def run_row(spec: dict) -> dict:
   env.pop("XLA_FLAGS", None)
   processes = spec.get("processes", 1)
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-c", "import sys; from experiments.scaling_benchmark import worker; "
-       "worker(sys.argv[1])", json.dumps(dict(spec, process_id=i, port=port))],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-      for i in range(processes)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        "import sys; from experiments.scaling_benchmark import worker; worker(sys.argv[1])",
+        json.dumps(dict(spec, process_id=i, port=port)),
+      ],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+      cwd=ROOT,
+    )
+    for i in range(processes)
+  ]
   outputs = [p.communicate() for p in procs]
   for p, (_, err) in zip(procs, outputs):
     if p.returncode:
       raise RuntimeError(f"row {spec} failed:\n{err[-3000:]}")
-  rows = [json.loads(line[4:]) for out, _ in outputs for line in out.splitlines()
-          if line.startswith("ROW ")]
+  rows = [
+    json.loads(line[4:])
+    for out, _ in outputs
+    for line in out.splitlines()
+    if line.startswith("ROW ")
+  ]
   return rows[0]
 
 
 def specs(quick: bool, per_device: int) -> list[dict]:
   base = dict(chunk=5 if quick else 10, rank_c=32, rank_s=8, repeats=3 if quick else 7)
-  resident = dict(base, path="resident", per_device=4 if quick else per_device,
-                  side=16 if quick else 32, channels=32 if quick else 128)
-  in_step = dict(base, path="in_step", per_device=2 if quick else max(per_device // 2, 1),
-                 layer=5)
+  resident = dict(
+    base,
+    path="resident",
+    per_device=4 if quick else per_device,
+    side=16 if quick else 32,
+    channels=32 if quick else 128,
+  )
+  in_step = dict(base, path="in_step", per_device=2 if quick else max(per_device // 2, 1), layer=5)
   layouts = [(1, 1), (2, 1), (4, 1), (2, 2)]
   return [dict(row, devices=d, processes=p) for row in (resident, in_step) for d, p in layouts]
 
 
 def run(out: str, quick: bool = False, per_device: int = 32) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
+
   rows = []
   for spec in specs(quick, per_device):
     row = run_row(spec)
     rows.append(row)
-    print(f"{row['path']:8s} {row['processes']} x {row['devices_per_process']} devices: "
-          f"{1e3 * row['seconds_per_step_per_sample']:.3f} ms/step/sample, peak "
-          f"{row['memory_per_device']['peak'] / 2**20:.1f} MiB/device "
-          f"(shard {row['shard_bytes'] / 2**20:.1f} MiB)", flush=True)
-  report = dict(machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
-                             load_average=os.getloadavg()),
-                versions=dict(jax=jax.__version__, python=platform.python_version()),
-                quick=quick, rows=rows)
+    print(
+      f"{row['path']:8s} {row['processes']} x {row['devices_per_process']} devices: "
+      f"{1e3 * row['seconds_per_step_per_sample']:.3f} ms/step/sample, peak "
+      f"{row['memory_per_device']['peak'] / 2**20:.1f} MiB/device "
+      f"(shard {row['shard_bytes'] / 2**20:.1f} MiB)",
+      flush=True,
+    )
+  report = dict(
+    machine=dict(platform=platform.platform(), cpus=os.cpu_count(), load_average=os.getloadavg()),
+    versions=dict(jax=jax.__version__, python=platform.python_version()),
+    quick=quick,
+    rows=rows,
+  )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(report, f, indent=1)
@@ -188,6 +238,7 @@ def main(argv):
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=import-outside-toplevel
+
   flags.DEFINE_string("out", "scaling.json", "Where to write the JSON report.")
   flags.DEFINE_bool("quick", False, "Tiny sizes (smoke test).")
   flags.DEFINE_integer("per_device", 32, "Samples per device (weak scaling).")

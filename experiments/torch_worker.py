@@ -14,6 +14,7 @@ The worker function (`entry`, "module:function") reads commands from stdin and
 writes one answer per line to stdout, starting with a line that names the torch
 version and thread count (`serve` does all of that, given handlers).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,19 +42,32 @@ def environment(threads: int, torch_info: dict) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jaxlib  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   cpu = ""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
   except OSError:
     pass
-  return {"versions": {"python": platform.python_version(), "jax": jax.__version__,
-                       "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                       "numpy": np.__version__, "torch": torch_info.get("torch")},
-          "machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                      "cores_used": threads, "jax_devices": [str(d) for d in jax.devices()]},
-          "xla_flags": os.environ.get("XLA_FLAGS", ""),
-          "torch_threads": torch_info.get("threads")}
+  return {
+    "versions": {
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__,
+      "numpy": np.__version__,
+      "torch": torch_info.get("torch"),
+    },
+    "machine": {
+      "platform": platform.platform(),
+      "cpu": cpu,
+      "cpu_count": os.cpu_count(),
+      "cores_used": threads,
+      "jax_devices": [str(d) for d in jax.devices()],
+    },
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "torch_threads": torch_info.get("threads"),
+  }
 
 
 def serve(handlers: dict, announce: dict | None = None) -> None:
@@ -64,6 +78,7 @@ def serve(handlers: dict, announce: dict | None = None) -> None:
   with `{"ok": True, **result}` or `{"ok": False, "error": ...}`.
   """
   import torch  # pylint: disable=import-outside-toplevel
+
   torch.set_num_threads(int(os.environ.get(THREADS_ENV, cores())))
   out = sys.stdout
   sys.stdout = sys.stderr  # Stray prints must not corrupt the protocol.
@@ -90,8 +105,13 @@ class TorchProcess:
     module, function = entry.split(":")
     env = dict(os.environ, **{THREADS_ENV: str(threads)})
     self.proc = subprocess.Popen(
-        [sys.executable, "-c", f"from {module} import {function}; {function}()"],
-        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+      [sys.executable, "-c", f"from {module} import {function}; {function}()"],
+      cwd=ROOT,
+      env=env,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+    )
     self._info = None  # Read on first use: several workers then start in parallel.
 
   @property

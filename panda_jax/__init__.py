@@ -23,9 +23,19 @@ Appearances in GANs", TPAMI 2024.
 
 # Factorisation (paper Sections 3-4).
 from panda_jax.checkpoint import load_factors, save_factors
-from panda_jax.decomposition import (ORTHOGONALITY_BOUND, BlockStep, DeviceSampler, Factors,
-                                     FitConfig, FitState, appearances_step, fit, init, parts_step,
-                                     run_steps, sampled_steps, shard_batch, update)
+from panda_jax.decomposition import (
+  ORTHOGONALITY_BOUND,
+  DeviceSampler,
+  appearances_step,
+  fit,
+  init,
+  parts_step,
+  run_steps,
+  sampled_steps,
+  shard_batch,
+  update,
+)
+from panda_jax.state import BlockStep, Factors, FitConfig, FitState
 from panda_jax.hosvd import hosvd_init, scatter_finalize, scatter_init, scatter_update
 from panda_jax.objective import Unfolded, gradients, loss, orthogonality_error, unfolded
 from panda_jax.pgd import LineSearch
@@ -33,15 +43,98 @@ from panda_jax.refinement import mutual_knn_graph, refine
 
 # Toolkit (paper Sections 3.3.1, 5).
 from panda_jax import generator_ops
-from panda_jax.editing import (downsample_mask, edit, edit_many, part_weights,
-                               propose_background, remove_object, rewrite)
-from panda_jax.interpret import (ConceptMeanState, Ranking, RankState,
-                                 concept_mean_finalize, concept_mean_init,
-                                 concept_mean_update, concept_means,
-                                 feature_grid, localise, rank, rank_dataset,
-                                 rank_finalize, rank_init, rank_update,
-                                 saliency, upsample_saliency)
+from panda_jax.editing import (
+  downsample_mask,
+  edit,
+  edit_many,
+  part_weights,
+  propose_background,
+  remove_object,
+  rewrite,
+)
+from panda_jax.interpret import (
+  ConceptMeanState,
+  Ranking,
+  RankState,
+  concept_mean_finalize,
+  concept_mean_init,
+  concept_mean_update,
+  concept_means,
+  feature_grid,
+  localise,
+  rank,
+  rank_dataset,
+  rank_finalize,
+  rank_init,
+  rank_update,
+  saliency,
+  upsample_saliency,
+)
 from panda_jax.metrics import roir, roir_per_sample
 
 # Inversion of real images (issue 21).
 from panda_jax.inversion import Inversion, invert
+
+__all__ = [
+  # Factorisation: fit driver, state, functional steps, checkpoints (Sections 3-4).
+  "fit",
+  "init",
+  "update",
+  "parts_step",
+  "appearances_step",
+  "run_steps",
+  "sampled_steps",
+  "shard_batch",
+  "DeviceSampler",
+  "Factors",
+  "FitConfig",
+  "FitState",
+  "BlockStep",
+  "ORTHOGONALITY_BOUND",
+  "LineSearch",
+  "load_factors",
+  "save_factors",
+  # Objective and initialisation (Eqs. 3-5, Section 4.1).
+  "loss",
+  "gradients",
+  "orthogonality_error",
+  "Unfolded",
+  "unfolded",
+  "hosvd_init",
+  "scatter_init",
+  "scatter_update",
+  "scatter_finalize",
+  # Refinement (Section 4.2).
+  "refine",
+  "mutual_knn_graph",
+  # Toolkit: editing, interpretation, metrics (Sections 3.3.1, 5; Eqs. 13-18).
+  "generator_ops",
+  "edit",
+  "edit_many",
+  "part_weights",
+  "downsample_mask",
+  "propose_background",
+  "remove_object",
+  "rewrite",
+  "saliency",
+  "upsample_saliency",
+  "localise",
+  "feature_grid",
+  "rank",
+  "rank_dataset",
+  "rank_init",
+  "rank_update",
+  "rank_finalize",
+  "Ranking",
+  "RankState",
+  "concept_means",
+  "concept_mean_init",
+  "concept_mean_update",
+  "concept_mean_finalize",
+  "ConceptMeanState",
+  "roir",
+  "roir_per_sample",
+  # Inversion of real images.
+  "invert",
+  "Inversion",
+]

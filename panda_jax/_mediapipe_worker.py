@@ -21,6 +21,7 @@ OUT.npz:
                   (left_eye, right_eye, lips, nose, face_oval), for the caller's check.
   version         the mediapipe version.
 """
+
 import sys
 
 import mediapipe as mp
@@ -31,11 +32,17 @@ NUM_LANDMARKS = 468
 
 
 def _groups(face_mesh):
-  sets = {"left_eye": face_mesh.FACEMESH_LEFT_EYE, "right_eye": face_mesh.FACEMESH_RIGHT_EYE,
-          "lips": face_mesh.FACEMESH_LIPS, "nose": face_mesh.FACEMESH_NOSE,
-          "face_oval": face_mesh.FACEMESH_FACE_OVAL}
-  return {name: np.array(sorted({v for edge in edges for v in edge}), np.int32)
-          for name, edges in sets.items()}
+  sets = {
+    "left_eye": face_mesh.FACEMESH_LEFT_EYE,
+    "right_eye": face_mesh.FACEMESH_RIGHT_EYE,
+    "lips": face_mesh.FACEMESH_LIPS,
+    "nose": face_mesh.FACEMESH_NOSE,
+    "face_oval": face_mesh.FACEMESH_FACE_OVAL,
+  }
+  return {
+    name: np.array(sorted({v for edge in edges for v in edge}), np.int32)
+    for name, edges in sets.items()
+  }
 
 
 def main(src: str, dst: str) -> None:
@@ -49,8 +56,12 @@ def main(src: str, dst: str) -> None:
   points = np.full((n, NUM_LANDMARKS, 2), np.nan, np.float32)
   detected = np.zeros(n, bool)
   face_mesh = mp.solutions.face_mesh
-  with face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
-                          min_detection_confidence=confidence) as mesh:
+  with face_mesh.FaceMesh(
+    static_image_mode=True,
+    max_num_faces=1,
+    refine_landmarks=False,
+    min_detection_confidence=confidence,
+  ) as mesh:
     for i in range(n):
       image = Image.fromarray(images[i]).resize((w * upscale, h * upscale), Image.BICUBIC)
       found = mesh.process(np.asarray(image)).multi_face_landmarks

@@ -30,6 +30,7 @@ constrain it and the gradient steps let `A^T A` drift from `I`: `fit` reports
 `max |A^T A - I|` (`Factors.orthogonality_error`) and warns above
 `ORTHOGONALITY_BOUND`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,67 +43,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from panda_jax import _checks, hosvd, objective, parts_init, pgd
+from panda_jax import checks, checkpoint, hosvd, objective, parts_init, pgd
+from panda_jax.state import BlockStep, Factors, FitConfig, FitState
 
 AXIS = "batch"  # fit's pmap axis.
 METHODS = ("bcd", "autograd", "adam")  # "adam": "autograd" (the name older callers use).
 # Above this `max |A^T A - I|`, `fit` warns: the coordinates `A^T Z_i` that saliency,
 # rewriting and refinement use are then off by more than 10% of a unit basis.
 ORTHOGONALITY_BOUND = 0.1
-
-
-class FitConfig(NamedTuple):
-  """Static options of a run (hashable: part of the compiled program)."""
-  method: str = "bcd"                 # "bcd" (analytic Eqs. 4-5) or "autograd" (jax.grad + optax).
-  step_size: Optional[float] = None   # fixed lambda (paper) or None (adaptive, per block).
-  learning_rate: float = 1e-3         # autograd with the default optimizer: Adam's.
-  search: pgd.LineSearch = pgd.LineSearch()
-  optimizer: Optional[optax.GradientTransformation] = None  # autograd; None: Adam(learning_rate).
-
-
-class FitState(NamedTuple):
-  """Everything a run needs to continue bit-for-bit.
-
-  appearances: `A`, `[c, r_c]`.
-  parts: `P`, `[s, r_s]`, non-negative.
-  step: int32 scalar, iterations taken (`update` counts; the block steps do not).
-  step_size_parts: step size of the P block (the fixed `lambda` or the last accepted one).
-  step_size_appearances: same for the A block.
-  key: uint32 `[2]` PRNG key; step t of a stochastic run samples with `fold_in(key, t)`.
-  opt_state: `(parts_state, appearances_state)` of the optax transformation
-    (autograd), or `()` for "bcd".
-  """
-  appearances: jax.Array
-  parts: jax.Array
-  step: jax.Array
-  step_size_parts: jax.Array
-  step_size_appearances: jax.Array
-  key: jax.Array
-  opt_state: Any
-
-
-class BlockStep(NamedTuple):
-  """What a block step reports, and hands to the next block on the same batch.
-
-  loss_change: the exact change of Eq. (3) the step made, summed over every
-    sample (of every device on `axis_name`); not positive with the adaptive step
-    (up to rounding far below the loss's own).
-  projection: `M_i = Z_i P` at the parts after the step, `[n, c, r_s]` (this
-    device's samples); passing it on saves the next block a pass over Z.
-  """
-  loss_change: jax.Array
-  projection: jax.Array
-
-
-class Factors(NamedTuple):
-  """Result of `fit`: the factors and the run's record."""
-  appearances: jax.Array     # [c, r_c]
-  parts: jax.Array           # [s, r_s]
-  loss_history: np.ndarray   # [steps], Eq. (3) after each step
-  step_size_parts: float
-  step_size_appearances: float
-  steps: int
-  orthogonality_error: float  # max |A^T A - I| (module docstring; ORTHOGONALITY_BOUND)
 
 
 class DeviceSampler(NamedTuple):
@@ -115,6 +63,7 @@ class DeviceSampler(NamedTuple):
   devices. `params` (e.g. a generator's weights, `generator_ops.feature_sampler`)
   are arguments of the compiled program, not constants folded into it.
   """
+
   sample: Callable[[Any, jax.Array], Any]
   params: Any = None
 
@@ -132,8 +81,9 @@ def _optimizer(config: FitConfig) -> optax.GradientTransformation:
 PARTS_STARTS = ("kmeans", "fibres", "uniform")  # The names `_initial_parts` knows.
 
 
-def _initial_parts(name: str, key, z, appearances, rank_s: int, reduce,
-                   axis_name=None) -> jax.Array:
+def _initial_parts(
+  name: str, key, z, appearances, rank_s: int, reduce, axis_name=None
+) -> jax.Array:
   """The parts start `P^(1)`, `[s, r_s]`, from `z` `[n, c, s]` and `A^(1)` `[c, r_c]`.
 
   "kmeans" (default): k-means++ of the positions in the appearance basis
@@ -143,8 +93,11 @@ def _initial_parts(name: str, key, z, appearances, rank_s: int, reduce,
   if name == "kmeans":
     return parts_init.kmeans(key, z, appearances, rank_s, reduce=reduce)
   if name == "fibres":
-    gather = ((lambda x: x) if axis_name is None
-              else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True))
+    gather = (
+      (lambda x: x)
+      if axis_name is None
+      else functools.partial(jax.lax.all_gather, axis_name=axis_name, tiled=True)
+    )
     return parts_init.fibres(key, z, rank_s, reduce=reduce, gather=gather)
   return parts_init.uniform(key, z.shape[2], rank_s).astype(z.dtype)
 
@@ -169,15 +122,18 @@ def _initial_step_sizes(z, zp, appearances, key, reduce):
   """`1 / (8 lambda_max)` of each block's dominant curvature term (a safe start)."""
   kp, ka = jax.random.split(key)
   curv_p = _largest_eigenvalue(
-      lambda v: parts_init.apply_affinity(z, appearances, v, reduce), z.shape[2], kp, z.dtype)
+    lambda v: parts_init.apply_affinity(z, appearances, v, reduce), z.shape[2], kp, z.dtype
+  )
   curv_a = _largest_eigenvalue(
-      lambda v: reduce(jnp.einsum("ncq,ndq,dk->ck", zp, zp, v)), z.shape[1], ka, z.dtype)
+    lambda v: reduce(jnp.einsum("ncq,ndq,dk->ck", zp, zp, v)), z.shape[1], ka, z.dtype
+  )
   tiny = jnp.finfo(z.dtype).tiny
   return 1.0 / (8.0 * jnp.maximum(curv_p, tiny)), 1.0 / (8.0 * jnp.maximum(curv_a, tiny))
 
 
-@functools.partial(jax.jit, static_argnames=("rank_c", "rank_s", "parts_init_name", "config",
-                                             "axis_name"))
+@functools.partial(
+  jax.jit, static_argnames=("rank_c", "rank_s", "parts_init_name", "config", "axis_name")
+)
 def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config, axis_name):
   reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
   _, key_p, key_step, key_run = jax.random.split(key, 4)
@@ -186,8 +142,9 @@ def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config
   if parts is None:
     parts = _initial_parts(parts_init_name, key_p, z, appearances, rank_s, reduce, axis_name)
   if config.step_size is None:
-    step_p, step_a = _initial_step_sizes(z, objective.project_parts(z, parts), appearances,
-                                         key_step, reduce)
+    step_p, step_a = _initial_step_sizes(
+      z, objective.project_parts(z, parts), appearances, key_step, reduce
+    )
   else:
     step_p = step_a = jnp.asarray(config.step_size, z.dtype)
   if _is_autograd(config):
@@ -198,8 +155,18 @@ def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config
   return FitState(appearances, parts, jnp.int32(0), step_p, step_a, key_run, opt_state)
 
 
-def init(features, rank_c: int, rank_s: int, *, key, config: FitConfig = FitConfig(),
-         parts_init: str = "kmeans", appearances=None, parts=None, axis_name=None) -> FitState:
+def init(
+  features,
+  rank_c: int,
+  rank_s: int,
+  *,
+  key,
+  config: FitConfig = FitConfig(),
+  parts_init: str = "kmeans",
+  appearances=None,
+  parts=None,
+  axis_name=None,
+) -> FitState:
   """A `FitState` from a batch: HOSVD appearances (Section 3.4) and a parts start.
 
   Args:
@@ -213,9 +180,18 @@ def init(features, rank_c: int, rank_s: int, *, key, config: FitConfig = FitConf
   """
   z = objective.batch_z(features)
   _validate(z, rank_c, rank_s, config, parts_init, appearances, parts)
-  _checks.check_finite(z, "features")  # No-op on tracers (inside a caller's pmap or jit).
-  return _init(z, _as_raw_key(key), appearances, parts, rank_c=rank_c, rank_s=rank_s,
-               parts_init_name=parts_init, config=config, axis_name=axis_name)
+  checks.check_finite(z, "features")  # No-op on tracers (inside a caller's pmap or jit).
+  return _init(
+    z,
+    _as_raw_key(key),
+    appearances,
+    parts,
+    rank_c=rank_c,
+    rank_s=rank_s,
+    parts_init_name=parts_init,
+    config=config,
+    axis_name=axis_name,
+  )
 
 
 # ----------------------------------------------------------------------------- steps
@@ -227,8 +203,9 @@ def _projected_step(change_to, x, aux, grad, step_size, project, config: FitConf
   `change_to(x+) -> (exact change of Eq. 3, aux+)`. Returns `(x+, change, aux+, t)`.
   """
   if config.step_size is None:
-    return pgd.backtracking_step(change_to, x, jnp.zeros((), grad.dtype), aux, grad, step_size,
-                                 project, config.search)
+    return pgd.backtracking_step(
+      change_to, x, jnp.zeros((), grad.dtype), aux, grad, step_size, project, config.search
+    )
   new_x = project(x - step_size * grad)
   change, aux = change_to(new_x)
   return new_x, change, aux, step_size
@@ -256,25 +233,29 @@ def _parts_block(state: FitState, z, zp, config: FitConfig, axis_name):
 
   def change_to(new_parts):
     delta = new_parts - parts
-    d_zp = objective.project_parts(z, delta)                    # Z (P+ - P): one pass over Z.
+    d_zp = objective.project_parts(z, delta)  # Z (P+ - P): one pass over Z.
     d_lam = objective.coefficients(d_zp, appearances)
     d_gram = parts.T @ delta + delta.T @ parts + delta.T @ delta
-    change = objective.loss_change(lam, decoded, d_lam, objective.decode(d_lam, appearances),
-                                   gram_p, d_gram)
+    change = objective.loss_change(
+      lam, decoded, d_lam, objective.decode(d_lam, appearances), gram_p, d_gram
+    )
     return reduce(change), zp + d_zp
 
   if _is_autograd(config):
-    local = lambda p: objective.loss_from_projection(0.0, objective.project_parts(z, p),
-                                                     appearances, p)
+    local = lambda p: objective.loss_from_projection(
+      0.0, objective.project_parts(z, p), appearances, p
+    )
     opt_p, opt_a = state.opt_state
-    new_parts, opt_p = _optax_step(config, reduce(jax.grad(local)(parts)), opt_p, parts,
-                                   pgd.nonnegative)
+    new_parts, opt_p = _optax_step(
+      config, reduce(jax.grad(local)(parts)), opt_p, parts, pgd.nonnegative
+    )
     change, zp = change_to(new_parts)
     state = state._replace(parts=new_parts, opt_state=(opt_p, opt_a))
   else:
     grad = reduce(objective.parts_gradient(z, zp, appearances, parts))
-    new_parts, change, zp, step = _projected_step(change_to, parts, zp, grad,
-                                                  state.step_size_parts, pgd.nonnegative, config)
+    new_parts, change, zp, step = _projected_step(
+      change_to, parts, zp, grad, state.step_size_parts, pgd.nonnegative, config
+    )
     state = state._replace(parts=new_parts, step_size_parts=step)
   return state, BlockStep(change, zp)
 
@@ -289,22 +270,26 @@ def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
 
   def change_to(new_appearances):
     delta = new_appearances - appearances
-    d_lam = objective.coefficients(zp, delta)                    # (A+ - A)^T M.
-    d_decoded = (objective.decode(lam + d_lam, delta)            # A+ Lambda+ - A Lambda.
-                 + objective.decode(d_lam, appearances))
+    d_lam = objective.coefficients(zp, delta)  # (A+ - A)^T M.
+    d_decoded = (
+      objective.decode(lam + d_lam, delta)  # A+ Lambda+ - A Lambda.
+      + objective.decode(d_lam, appearances)
+    )
     return reduce(objective.loss_change(lam, decoded, d_lam, d_decoded, gram_p)), ()
 
   if _is_autograd(config):
     local = lambda a: objective.loss_from_projection(0.0, zp, a, parts)
     opt_p, opt_a = state.opt_state
-    new_appearances, opt_a = _optax_step(config, reduce(jax.grad(local)(appearances)), opt_a,
-                                         appearances, pgd.identity)
+    new_appearances, opt_a = _optax_step(
+      config, reduce(jax.grad(local)(appearances)), opt_a, appearances, pgd.identity
+    )
     change, _ = change_to(new_appearances)
     state = state._replace(appearances=new_appearances, opt_state=(opt_p, opt_a))
   else:
     grad = reduce(objective.appearances_gradient(zp, appearances, parts))
     new_appearances, change, _, step = _projected_step(
-        change_to, appearances, (), grad, state.step_size_appearances, pgd.identity, config)
+      change_to, appearances, (), grad, state.step_size_appearances, pgd.identity, config
+    )
     state = state._replace(appearances=new_appearances, step_size_appearances=step)
   return state, BlockStep(change, zp)
 
@@ -312,8 +297,9 @@ def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
 def _start(state: FitState, z, axis_name):
   """`(Z P, Eq. 3)` at the state, the loss in the expanded form (accurate to eps ||Z||^2)."""
   zp = objective.project_parts(z, state.parts)
-  value = objective.loss_from_projection(objective.squared_norm(z), zp, state.appearances,
-                                         state.parts)
+  value = objective.loss_from_projection(
+    objective.squared_norm(z), zp, state.appearances, state.parts
+  )
   return zp, objective.sum_samples(value, axis_name)
 
 
@@ -326,8 +312,11 @@ def _iteration(state: FitState, z, zp, value, config: FitConfig, axis_name):
   state, parts_out = _parts_block(state, z, zp, config, axis_name)
   value = value + parts_out.loss_change
   state, appearances_out = _appearances_block(state, parts_out.projection, config, axis_name)
-  return (state._replace(step=state.step + 1), parts_out.projection,
-          value + appearances_out.loss_change)
+  return (
+    state._replace(step=state.step + 1),
+    parts_out.projection,
+    value + appearances_out.loss_change,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("config", "axis_name"))
@@ -352,8 +341,9 @@ def _update(state, z, *, config, axis_name):
 @functools.partial(jax.jit, static_argnames=("steps", "config", "axis_name"))
 def _run_steps(state, z, loss, *, steps, config, axis_name):
   zp, value = _start(state, z, axis_name)
-  if loss is not None:  # Continue a record (the expanded value is then never computed).
-    value = jnp.asarray(loss, value.dtype)
+  # NaN `loss`: start the record from the expanded value; else continue it. A traced
+  # choice, so the first chunk and the later ones share one compiled program.
+  value = jnp.where(jnp.isnan(loss), value, loss.astype(value.dtype))
 
   def body(carry, _):
     state, zp, value = carry
@@ -364,19 +354,43 @@ def _run_steps(state, z, loss, *, steps, config, axis_name):
   return state, losses
 
 
+def compile_steps(
+  state: FitState, features, steps: int, config: FitConfig = FitConfig(), *, axis_name=None
+):
+  """`run_steps` compiled ahead of time: `(compiled, arguments)`.
+
+  `compiled(*arguments)` returns what `run_steps(state, features, steps, config)`
+  does, `(state, losses [steps])`; `compiled.memory_analysis()` and
+  `cost_analysis()` describe the program (what the benchmarks report).
+  """
+  z = _checked_batch(state, features, config)
+  arguments = (state, z, jnp.asarray(jnp.nan, z.dtype))
+  lowered = _run_steps.lower(*arguments, steps=int(steps), config=config, axis_name=axis_name)
+  return lowered.compile(), arguments
+
+
 def _device_keys(data_key, num_devices: int):
   """`[d, 2]` raw keys of this process's devices: `fold_in(data_key, global device index)`."""
   first = jax.process_index() * num_devices
   return jax.vmap(lambda d: jax.random.fold_in(data_key, d))(first + jnp.arange(num_devices))
 
 
-def sampled_steps(state: FitState, sampler: DeviceSampler, device_key, first, steps: int,
-                  config: FitConfig = FitConfig(), *, axis_name=None):
+def sampled_steps(
+  state: FitState,
+  sampler: DeviceSampler,
+  device_key,
+  first,
+  steps: int,
+  config: FitConfig = FitConfig(),
+  *,
+  axis_name=None,
+):
   """`steps` iterations of Algorithm 1 from step `first`, step t's batch drawn by
   `sampler` from `fold_in(device_key, t)` on this device, inside the step: the
   `DeviceSampler` counterpart of `run_steps`, for a caller's `pmap` (`fit` runs it
   with `device_key = fold_in(key, global device index)`). Returns `(state,
   losses [steps])`, each loss that of its own batch after the step."""
+
   def body(state, t):
     z = objective.unfold(sampler.sample(sampler.params, jax.random.fold_in(device_key, t)))
     state, metrics = _update(state, z, config=config, axis_name=axis_name)
@@ -388,8 +402,9 @@ def sampled_steps(state: FitState, sampler: DeviceSampler, device_key, first, st
 # ----------------------------------------------------------------------------- public steps
 
 
-def _checked_batch(state: FitState, features, config: FitConfig, projection=None, *,
-                   needs_batch: bool = True):
+def _checked_batch(
+  state: FitState, features, config: FitConfig, projection=None, *, needs_batch: bool = True
+):
   """`z` `[n, c, s]` with its shapes checked against the state (shapes only: works under
   jit); None when the step does not need the batch and `projection` stands in for it."""
   _validate_config(config)
@@ -405,8 +420,9 @@ def _checked_batch(state: FitState, features, config: FitConfig, projection=None
   return z
 
 
-def parts_step(state: FitState, features, config: FitConfig = FitConfig(), *, projection=None,
-               axis_name=None):
+def parts_step(
+  state: FitState, features, config: FitConfig = FitConfig(), *, projection=None, axis_name=None
+):
   """The P block of Algorithm 1: a gradient step on Eq. (4), then the projection onto `P >= 0`.
 
   Args:
@@ -428,8 +444,9 @@ def parts_step(state: FitState, features, config: FitConfig = FitConfig(), *, pr
   return _parts_step(state, z, projection, config=config, axis_name=axis_name)
 
 
-def appearances_step(state: FitState, features, config: FitConfig = FitConfig(), *,
-                     projection=None, axis_name=None):
+def appearances_step(
+  state: FitState, features, config: FitConfig = FitConfig(), *, projection=None, axis_name=None
+):
   """The A block of Algorithm 1: a gradient step on Eq. (5) (unconstrained).
 
   The block sees the data only through `M_i = Z_i P` (`[n, c, r_s]`): with
@@ -450,8 +467,15 @@ def update(state: FitState, features, config: FitConfig = FitConfig(), *, axis_n
   return _update(state, z, config=config, axis_name=axis_name)
 
 
-def run_steps(state: FitState, features, steps: int, config: FitConfig = FitConfig(), *,
-              loss=None, axis_name=None):
+def run_steps(
+  state: FitState,
+  features,
+  steps: int,
+  config: FitConfig = FitConfig(),
+  *,
+  loss=None,
+  axis_name=None,
+):
   """`steps` iterations of Algorithm 1 on one batch as one compiled `lax.scan`.
 
   Carries `Z P` from one iteration to the next (three passes over Z per
@@ -468,6 +492,7 @@ def run_steps(state: FitState, features, steps: int, config: FitConfig = FitConf
       whose rounding is about eps ||Z||^2.
   """
   z = _checked_batch(state, features, config)
+  loss = jnp.asarray(jnp.nan if loss is None else loss, z.dtype)
   return _run_steps(state, z, loss, steps=int(steps), config=config, axis_name=axis_name)
 
 
@@ -482,14 +507,16 @@ def _validate_config(config: FitConfig) -> None:
     raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
   if config.optimizer is not None and not _is_autograd(config):
     raise ValueError("an optimizer applies to method='autograd' only")
-  if config.step_size is not None and not (math.isfinite(config.step_size) and config.step_size > 0):
+  if config.step_size is not None and not (
+    math.isfinite(config.step_size) and config.step_size > 0
+  ):
     raise ValueError(f"step_size must be a positive finite float or None, got {config.step_size!r}")
 
 
 def _validate(z, rank_c, rank_s, config, parts_init_name, appearances, parts):
   """Ranks, options and starting factors against `z` `[n, c, s]` (shapes only: works under jit)."""
   _, c, s = z.shape
-  _checks.check_ranks(s, c, rank_c, rank_s)
+  checks.check_ranks(s, c, rank_c, rank_s)
   _validate_config(config)
   if parts_init_name not in PARTS_STARTS:
     raise ValueError(f"parts_init must be one of {PARTS_STARTS}, got {parts_init_name!r}")
@@ -515,8 +542,10 @@ class _Batches:
     elif isinstance(data, Iterable):
       self.kind, self.data = "iterator", iter(data)
     else:
-      raise ValueError(f"features_or_sampler must be an array, a callable or an iterable, "
-                       f"got {type(data).__name__}")
+      raise ValueError(
+        f"features_or_sampler must be an array, a callable or an iterable, "
+        f"got {type(data).__name__}"
+      )
 
   def get(self, key):
     if self.kind == "fixed":
@@ -566,7 +595,9 @@ def shard_batch(features, num_devices: Optional[int] = None) -> objective.Unfold
     features = xp.concatenate([features, xp.zeros((pad,) + features.shape[1:], features.dtype)])
   shards = xp.reshape(features, (num_devices, -1) + features.shape[1:])
   mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:num_devices]), (AXIS,))
-  placed = jax.device_put(shards, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+  placed = jax.device_put(
+    shards, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+  )
   return objective.Unfolded(_unfold_in_place(num_devices)(placed))
 
 
@@ -578,40 +609,71 @@ def _pmapped(kind: str, static: tuple):
   """
   if kind == "init":
     rank_c, rank_s, name, config = static
-    fn = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
-                                       parts_init=name, appearances=a, parts=p, axis_name=AXIS)
+    fn = lambda batch, key, a, p: init(
+      batch,
+      rank_c,
+      rank_s,
+      key=key,
+      config=config,
+      parts_init=name,
+      appearances=a,
+      parts=p,
+      axis_name=AXIS,
+    )
     return jax.pmap(fn, AXIS, in_axes=(0, None, None, None), out_axes=None)
   if kind == "chunk":
     length, config = static
-    fn = lambda state, batch, loss: run_steps(state, batch, length, config, loss=loss,
-                                              axis_name=AXIS)
+    fn = lambda state, batch, loss: run_steps(
+      state, batch, length, config, loss=loss, axis_name=AXIS
+    )
     return jax.pmap(fn, AXIS, in_axes=(None, 0, None), out_axes=None)
   if kind == "sampled_init":  # A DeviceSampler's first batch, drawn on each device.
     rank_c, rank_s, name, config, sample = static
     fn = lambda device_key, params, key, a, p: init(
-        objective.Unfolded(objective.unfold(sample(params, jax.random.fold_in(device_key, 0)))),
-        rank_c, rank_s, key=key, config=config, parts_init=name, appearances=a, parts=p,
-        axis_name=AXIS)
+      objective.Unfolded(objective.unfold(sample(params, jax.random.fold_in(device_key, 0)))),
+      rank_c,
+      rank_s,
+      key=key,
+      config=config,
+      parts_init=name,
+      appearances=a,
+      parts=p,
+      axis_name=AXIS,
+    )
     return jax.pmap(fn, AXIS, in_axes=(0, None, None, None, None), out_axes=None)
   if kind == "sampled_chunk":
     length, config, sample = static
     fn = lambda state, device_key, params, first: sampled_steps(
-        state, DeviceSampler(sample, params), device_key, first, length, config,
-        axis_name=AXIS)
+      state, DeviceSampler(sample, params), device_key, first, length, config, axis_name=AXIS
+    )
     return jax.pmap(fn, AXIS, in_axes=(None, 0, None, None), out_axes=None)
   (config,) = static
   fn = lambda state, batch: update(state, batch, config, axis_name=AXIS)
   return jax.pmap(fn, AXIS, in_axes=(None, 0), out_axes=None)
 
 
-def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
-        step_size: Optional[float] = None, method: str = "bcd", learning_rate: float = 1e-3,
-        optimizer: Optional[optax.GradientTransformation] = None,
-        parts_init: str = "kmeans", appearances=None, parts=None, chunk_size: int = 50,
-        checkpoint_dir: Optional[str] = None, checkpoint_every: Optional[int] = None,
-        num_devices: Optional[int] = None, progress: bool = True,
-        search: pgd.LineSearch = pgd.LineSearch(),
-        stop: Optional[Callable[[], bool]] = None) -> Factors:
+def fit(
+  features_or_sampler,
+  rank_c: int,
+  rank_s: int,
+  *,
+  steps: int,
+  key,
+  step_size: Optional[float] = None,
+  method: str = "bcd",
+  learning_rate: float = 1e-3,
+  optimizer: Optional[optax.GradientTransformation] = None,
+  parts_init: str = "kmeans",
+  appearances=None,
+  parts=None,
+  chunk_size: int = 50,
+  checkpoint_dir: Optional[str] = None,
+  checkpoint_every: Optional[int] = None,
+  num_devices: Optional[int] = None,
+  progress: bool = True,
+  search: pgd.LineSearch = pgd.LineSearch(),
+  stop: Optional[Callable[[], bool]] = None,
+) -> Factors:
   """Learns appearances `A` and parts `P >= 0` by Algorithm 1.
 
   Args:
@@ -657,10 +719,13 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     ValueError: bad ranks or shapes, non-finite features, an empty sampler.
     FloatingPointError: the loss became non-finite (names the step and step size).
   """
-  from panda_jax import checkpoint  # Deferred: checkpoint imports this module.
-
-  config = FitConfig(method=method, step_size=step_size, learning_rate=learning_rate,
-                     search=search, optimizer=optimizer)
+  config = FitConfig(
+    method=method,
+    step_size=step_size,
+    learning_rate=learning_rate,
+    search=search,
+    optimizer=optimizer,
+  )
   if not (isinstance(steps, (int, np.integer)) and steps >= 0):
     raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
   if checkpoint_every is not None and checkpoint_every <= 0:
@@ -675,20 +740,34 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
   if batches.kind == "device":  # Drawn inside the pmapped programs, never stored.
     sampler = batches.data
     # Shapes only (`eval_shape`): nothing is drawn to validate the sampler.
-    _validate(jax.eval_shape(lambda p, k: objective.unfold(sampler.sample(p, k)),
-                             sampler.params, data_key),
-              rank_c, rank_s, config, parts_init, appearances, parts)
+    _validate(
+      jax.eval_shape(lambda p, k: objective.unfold(sampler.sample(p, k)), sampler.params, data_key),
+      rank_c,
+      rank_s,
+      config,
+      parts_init,
+      appearances,
+      parts,
+    )
     device_keys = _device_keys(data_key, devices)
     state = _pmapped("sampled_init", (rank_c, rank_s, parts_init, config, sampler.sample))(
-        device_keys, sampler.params, init_key, appearances, parts)
+      device_keys, sampler.params, init_key, appearances, parts
+    )
     run_sampled = lambda state, first, length: _pmapped(
-        "sampled_chunk", (length, config, sampler.sample))(
-            state, device_keys, sampler.params, first)
+      "sampled_chunk", (length, config, sampler.sample)
+    )(state, device_keys, sampler.params, first)
   else:
     first = batches.get(_batch_key(data_key, 0))
     # Shapes only (`eval_shape`): the batch is not transposed, nor moved, to validate it.
-    _validate(jax.eval_shape(objective.unfold, first), rank_c, rank_s, config, parts_init,
-              appearances, parts)
+    _validate(
+      jax.eval_shape(objective.unfold, first),
+      rank_c,
+      rank_s,
+      config,
+      parts_init,
+      appearances,
+      parts,
+    )
     # pmap whenever the sums span more than one device: several local devices, or
     # several processes (then pmap's psum runs over the devices of every process).
     # Either way the same public functions run; on several devices with `axis_name`.
@@ -696,18 +775,21 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       prepare = lambda features: shard_batch(features, devices)
       run_init = _pmapped("init", (rank_c, rank_s, parts_init, config))
       run_chunk = lambda state, batch, length, loss: _pmapped("chunk", (length, config))(
-          state, batch, loss)
+        state, batch, loss
+      )
       run_step = _pmapped("step", (config,))
     else:
       prepare = objective.unfolded
-      run_init = lambda batch, key, a, p: init(batch, rank_c, rank_s, key=key, config=config,
-                                               parts_init=parts_init, appearances=a, parts=p)
-      run_chunk = lambda state, batch, length, loss: run_steps(state, batch, length, config,
-                                                               loss=loss)
+      run_init = lambda batch, key, a, p: init(
+        batch, rank_c, rank_s, key=key, config=config, parts_init=parts_init, appearances=a, parts=p
+      )
+      run_chunk = lambda state, batch, length, loss: run_steps(
+        state, batch, length, config, loss=loss
+      )
       run_step = lambda state, batch: update(state, batch, config)
     batch = prepare(first)
     if batch.z.ndim == 4:  # Placed shards (`init` sees tracers under pmap): checked where they lie.
-      _checks.check_finite(batch.z, "features")
+      checks.check_finite(batch.z, "features")
     state = run_init(batch, init_key, appearances, parts)
 
   history = np.full((steps,), np.nan, np.float64)
@@ -727,7 +809,7 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
     while step < steps and not stopping():
       length = min(chunk - step % chunk, steps - step)
       if batches.kind == "fixed":  # The loss record continues across chunks (and resumptions).
-        state_new, losses = run_chunk(state, batch, length, history[step - 1] if step else None)
+        state_new, losses = run_chunk(state, batch, length, history[step - 1] if step else np.nan)
       elif batches.kind == "device":
         state_new, losses = run_sampled(state, step, length)
       else:
@@ -738,8 +820,10 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
             break
           new = batch if t == 0 else prepare(batches.get(_batch_key(data_key, t)))
           if t and new.z.shape[-2:] != batch.z.shape[-2:]:
-            raise ValueError(f"batch at step {t} has shape {tuple(new.z.shape)}, "
-                             f"expected [..., {batch.z.shape[-2]}, {batch.z.shape[-1]}] (c, s)")
+            raise ValueError(
+              f"batch at step {t} has shape {tuple(new.z.shape)}, "
+              f"expected [..., {batch.z.shape[-2]}, {batch.z.shape[-1]}] (c, s)"
+            )
           state_new, metrics = run_step(state_new, new)
           losses.append(metrics["loss"])
         losses = jnp.stack(losses)
@@ -747,10 +831,12 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       losses = np.asarray(losses, np.float64)
       _check_finite_run(losses, state_new, step)
       state = state_new
-      history[step:step + length] = losses
+      history[step : step + length] = losses
       step += length
       bar.update(length)
-      if manager is not None and (step == steps or (checkpoint_every and step % checkpoint_every == 0)):
+      if manager is not None and (
+        step == steps or (checkpoint_every and step % checkpoint_every == 0)
+      ):
         manager.save(step, state, history[:step])
         last_saved = step
     if manager is not None and step != last_saved:  # Stopped early.
@@ -761,11 +847,21 @@ def fit(features_or_sampler, rank_c: int, rank_s: int, *, steps: int, key,
       manager.close()
   orthogonality = objective.orthogonality_error(state.appearances)
   if orthogonality > ORTHOGONALITY_BOUND:
-    warnings.warn(f"the appearances drifted from orthonormal: max |A^T A - I| = "
-                  f"{orthogonality:.3g} > {ORTHOGONALITY_BOUND} (saliency, rewrite and refine "
-                  "assume orthonormal columns)", stacklevel=2)
-  return Factors(state.appearances, state.parts, history, float(state.step_size_parts),
-                 float(state.step_size_appearances), int(state.step), orthogonality)
+    warnings.warn(
+      f"the appearances drifted from orthonormal: max |A^T A - I| = "
+      f"{orthogonality:.3g} > {ORTHOGONALITY_BOUND} (saliency, rewrite and refine "
+      "assume orthonormal columns)",
+      stacklevel=2,
+    )
+  return Factors(
+    state.appearances,
+    state.parts,
+    history,
+    float(state.step_size_parts),
+    float(state.step_size_appearances),
+    int(state.step),
+    orthogonality,
+  )
 
 
 def _check_finite_run(losses, state, first_step: int) -> None:
@@ -774,9 +870,10 @@ def _check_finite_run(losses, state, first_step: int) -> None:
   if bad.size or not factors_ok:
     at = first_step + (int(bad[0]) if bad.size else len(losses) - 1) + 1
     raise FloatingPointError(
-        f"the loss became non-finite at step {at} (step size: parts "
-        f"{float(state.step_size_parts):.3g}, appearances {float(state.step_size_appearances):.3g}); "
-        "use a smaller step_size or the adaptive default (step_size=None)")
+      f"the loss became non-finite at step {at} (step size: parts "
+      f"{float(state.step_size_parts):.3g}, appearances {float(state.step_size_appearances):.3g}); "
+      "use a smaller step_size or the adaptive default (step_size=None)"
+    )
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -786,6 +883,7 @@ def _progress(total: int, initial: int, enabled: bool):
   except ImportError:  # pragma: no cover - tqdm is a dependency
     enabled = False
   if not enabled:
+
     class _Null:
       def update(self, _):
         pass

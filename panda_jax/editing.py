@@ -41,6 +41,7 @@ checked when concrete; a traced index out of range gives NaN features
 
 gives `[t, n, h, w, c]`, one edit of every sample per `(k, j, alpha)` triple.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -49,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from panda_jax import _checks
+from panda_jax import checks
 from panda_jax import interpret
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -64,9 +65,11 @@ def downsample_mask(mask, grid):
   h, w = grid
   big_h, big_w = mask.shape[-2:]
   if big_h % h or big_w % w:
-    raise ValueError(f"mask of size {(big_h, big_w)} does not cover the feature "
-                     f"grid {(h, w)} with whole pixel blocks (the size must be a "
-                     "multiple of the grid)")
+    raise ValueError(
+      f"mask of size {(big_h, big_w)} does not cover the feature "
+      f"grid {(h, w)} with whole pixel blocks (the size must be a "
+      "multiple of the grid)"
+    )
   lead = tuple(mask.shape[:-2])
   blocks = jnp.reshape(mask, lead + (h, big_h // h, w, big_w // w))
   return jnp.reshape(jnp.mean(blocks, axis=(-3, -1)), lead + (h * w,))
@@ -80,8 +83,9 @@ def _check_parts(parts, n: int, s: int):
     return
   if parts.ndim == 3 and parts.shape[:2] == (n, s):
     return
-  raise ValueError(f"parts must be [s={s}, r_s] or refined [n={n}, s={s}, r_s], "
-                   f"got shape {tuple(parts.shape)}")
+  raise ValueError(
+    f"parts must be [s={s}, r_s] or refined [n={n}, s={s}, r_s], got shape {tuple(parts.shape)}"
+  )
 
 
 def _part_indices(part):
@@ -90,9 +94,12 @@ def _part_indices(part):
     if not part:
       raise ValueError("part: an empty list of parts")
     for k in part:
-      if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool)
-              or jnp.issubdtype(getattr(k, "dtype", np.float32), jnp.integer)
-              and jnp.ndim(k) == 0):
+      if not (
+        isinstance(k, (int, np.integer))
+        and not isinstance(k, bool)
+        or jnp.issubdtype(getattr(k, "dtype", np.float32), jnp.integer)
+        and jnp.ndim(k) == 0
+      ):
         raise ValueError(f"part: a list of parts must hold integers, got {part!r}")
     return jnp.stack([jnp.asarray(k, jnp.int32) for k in part])
   if isinstance(part, (bool, np.bool_)):
@@ -100,13 +107,16 @@ def _part_indices(part):
   if isinstance(part, (int, np.integer)):
     return jnp.asarray(part, jnp.int32)
   if not hasattr(part, "shape"):
-    raise ValueError("part must be an int, a list of ints, or an array mask, "
-                     f"got {type(part).__name__}")
+    raise ValueError(
+      f"part must be an int, a list of ints, or an array mask, got {type(part).__name__}"
+    )
   if not jnp.issubdtype(part.dtype, jnp.integer):
     return None
   if part.ndim > 1:
-    raise ValueError(f"an integer array part holds part indices (0-d or 1-d), got shape "
-                     f"{tuple(part.shape)}; pass a mask as a float or bool array")
+    raise ValueError(
+      f"an integer array part holds part indices (0-d or 1-d), got shape "
+      f"{tuple(part.shape)}; pass a mask as a float or bool array"
+    )
   return part.astype(jnp.int32)
 
 
@@ -136,12 +146,12 @@ def part_weights(part, parts, features, normalise: str = "minmax"):
     features: `[n, h, w, c]` or `[n, s, c]` (their shape only).
     normalise: how parts are mapped into [0, 1] ("minmax" or "max").
   """
-  z, _ = _checks.flatten_features(features)
+  z, _ = checks.flatten_features(features)
   n, s, _ = z.shape
   indices = _part_indices(part)
   if indices is not None:
     _check_parts(parts, n, s)
-    if _checks.is_concrete(indices) and indices.ndim == 1:
+    if checks.is_concrete(indices) and indices.ndim == 1:
       values = np.asarray(indices).tolist()
       if len(set(values)) != len(values):
         raise ValueError(f"part: repeated indices in {values!r}")
@@ -154,14 +164,12 @@ def part_weights(part, parts, features, normalise: str = "minmax"):
       raise ValueError(f"mask must be [s={s}], got shape {tuple(mask.shape)}")
   elif mask.ndim in (2, 3):
     if mask.ndim == 3 and mask.shape[0] != n:
-      raise ValueError(f"per-sample mask must be [n={n}, H, W], got shape "
-                       f"{tuple(mask.shape)}")
+      raise ValueError(f"per-sample mask must be [n={n}, H, W], got shape {tuple(mask.shape)}")
     mask = downsample_mask(mask, interpret.feature_grid(features))
   else:
-    raise ValueError(f"mask must be [s], [H, W] or [n, H, W], got shape "
-                     f"{tuple(mask.shape)}")
-  if _checks.is_concrete(part):
-    _checks.check_finite(part, "mask")
+    raise ValueError(f"mask must be [s], [H, W] or [n, H, W], got shape {tuple(mask.shape)}")
+  if checks.is_concrete(part):
+    checks.check_finite(part, "mask")
     values = np.asarray(part)
     if values.min() < 0 or values.max() > 1:
       raise ValueError("mask values must lie in [0, 1]")
@@ -178,11 +186,10 @@ def _vector(appearances, index, name: str):
 
 def _alpha(alpha, n: int):
   """A scalar or `[n]` strength as `[n or 1, 1, 1]`."""
-  _checks.check_finite(alpha, "alpha")
+  checks.check_finite(alpha, "alpha")
   alpha = jnp.asarray(alpha)
   if alpha.shape not in ((), (n,)):
-    raise ValueError(f"alpha must be a scalar or [n={n}], got shape "
-                     f"{tuple(alpha.shape)}")
+    raise ValueError(f"alpha must be a scalar or [n={n}], got shape {tuple(alpha.shape)}")
   return jnp.reshape(alpha, (-1, 1, 1))
 
 
@@ -211,17 +218,19 @@ def edit_many(features, appearances, parts, edits: Sequence, *, normalise: str =
   Example:
     >>> both = pj.edit_many(features, A, P, [(0, 1, 5.0), ([2, 3], 0, -5.0)])
   """
-  z, unflatten = _checks.flatten_features(features)
-  _checks.check_factors(z.shape, appearances)
+  z, unflatten = checks.flatten_features(features)
+  checks.check_factors(z.shape, appearances)
   edits = list(edits)
   if not edits:
     raise ValueError("edits: give at least one (part, appearance, alpha) triple")
   n = z.shape[0]
   delta = 0
   for part, appearance, alpha in edits:
-    delta = delta + _direction(part_weights(part, parts, features, normalise),
-                               _vector(appearances, appearance, "appearance"),
-                               _alpha(alpha, n))
+    delta = delta + _direction(
+      part_weights(part, parts, features, normalise),
+      _vector(appearances, appearance, "appearance"),
+      _alpha(alpha, n),
+    )
   return unflatten(z + delta.astype(z.dtype))
 
 
@@ -246,8 +255,7 @@ def edit(features, appearances, parts, part, appearance, alpha, *, normalise: st
     >>> edited = pj.edit(features, A, P, part=3, appearance=0, alpha=30.0)
     >>> strip = jax.vmap(lambda k: pj.edit(features, A, P, k, 0, 30.0))(jnp.arange(4))
   """
-  return edit_many(features, appearances, parts, [(part, appearance, alpha)],
-                   normalise=normalise)
+  return edit_many(features, appearances, parts, [(part, appearance, alpha)], normalise=normalise)
 
 
 def propose_background(features, appearances, *, mu=None, border: int = 1):
@@ -271,14 +279,16 @@ def propose_background(features, appearances, *, mu=None, border: int = 1):
   """
   h, w = interpret.feature_grid(features)
   if not (isinstance(border, (int, np.integer)) and 1 <= 2 * border < min(h, w)):
-    raise ValueError(f"border must be an integer in [1, {(min(h, w) - 1) // 2}] "
-                     f"for a {(h, w)} grid, got {border!r}")
+    raise ValueError(
+      f"border must be an integer in [1, {(min(h, w) - 1) // 2}] "
+      f"for a {(h, w)} grid, got {border!r}"
+    )
   maps = interpret.saliency(features, appearances)  # [n, s, r_c]
   if mu is None:
     mu = jnp.mean(maps, axis=(0, 1))
   inside = interpret.localise(maps, jnp.asarray(mu)).astype(jnp.float32)
   ring = np.ones((h, w), bool)
-  ring[border:h - border, border:w - border] = False
+  ring[border : h - border, border : w - border] = False
   n_ring = int(ring.sum())
   ring = jnp.asarray(ring.reshape(1, h * w, 1))
   on_border = jnp.sum(jnp.where(ring, inside, 0), axis=1) / n_ring
@@ -287,8 +297,18 @@ def propose_background(features, appearances, *, mu=None, border: int = 1):
   return jnp.argmax(scores).astype(jnp.int32), scores
 
 
-def remove_object(features, appearances, parts, part, alpha, *,
-                  background=None, mu=None, border: int = 1, normalise: str = "minmax"):
+def remove_object(
+  features,
+  appearances,
+  parts,
+  part,
+  alpha,
+  *,
+  background=None,
+  mu=None,
+  border: int = 1,
+  normalise: str = "minmax",
+):
   """Object removal (Sec. 5.1.1): adds the background concept at `part`.
 
   `Z_i + alpha a_b p^^T` with b = `background` (an int or an integer scalar
@@ -299,14 +319,15 @@ def remove_object(features, appearances, parts, part, alpha, *,
   Returns:
     `(edited features, b)`.
   """
-  z, unflatten = _checks.flatten_features(features)
-  _checks.check_factors(z.shape, appearances)
+  z, unflatten = checks.flatten_features(features)
+  checks.check_factors(z.shape, appearances)
   if background is None:
-    background, _ = propose_background(features, appearances, mu=mu,
-                                       border=border)
-  delta = _direction(part_weights(part, parts, features, normalise),
-                     _vector(appearances, background, "background"),
-                     _alpha(alpha, z.shape[0]))
+    background, _ = propose_background(features, appearances, mu=mu, border=border)
+  delta = _direction(
+    part_weights(part, parts, features, normalise),
+    _vector(appearances, background, "background"),
+    _alpha(alpha, z.shape[0]),
+  )
   return unflatten(z + delta.astype(z.dtype)), background
 
 
@@ -338,17 +359,18 @@ def rewrite(features, appearances, source, target, alpha, *, keep_residual: bool
   Example:
     >>> rewritten = pj.rewrite(features, A, source=0, target=2, alpha=1.0)
   """
-  z, unflatten = _checks.flatten_features(features)
-  _checks.check_factors(z.shape, appearances)
+  z, unflatten = checks.flatten_features(features)
+  checks.check_factors(z.shape, appearances)
   a_j = _vector(appearances, source, "source")  # [c]
   a_k = _vector(appearances, target, "target")  # [c]
-  if (_checks.is_concrete(source) and _checks.is_concrete(target)
-      and int(source) == int(target)):
+  if checks.is_concrete(source) and checks.is_concrete(target) and int(source) == int(target):
     raise ValueError(f"source and target must differ, got {int(source)} twice")
-  positive = jnp.maximum(
-      jnp.einsum("nsc,c->ns", z, a_j, precision=_HIGHEST), 0)[..., None]  # [n, s, 1] Eq. 14
-  delta = (_alpha(alpha, z.shape[0]) * positive * a_k[None, None]
-           - positive * a_j[None, None])  # [n, s, c], A (Z^' - Z^): Eqs. 15-16
+  positive = jnp.maximum(jnp.einsum("nsc,c->ns", z, a_j, precision=_HIGHEST), 0)[
+    ..., None
+  ]  # [n, s, 1] Eq. 14
+  delta = (
+    _alpha(alpha, z.shape[0]) * positive * a_k[None, None] - positive * a_j[None, None]
+  )  # [n, s, c], A (Z^' - Z^): Eqs. 15-16
   if keep_residual:
     base = z
   else:  # A Z^' = A A^T Z + A (Z^' - Z^), as (Z A) A^T: O(n s c r_c), no [c, c] product.

@@ -12,6 +12,7 @@ Sampling is per sample index: sample i has `z_i ~ N(0, I)` drawn with
 from the same key), so any sample of a streamed pass (e.g. the top of a
 ranking) can be regenerated from its index alone, whatever the batch size.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Sequence
@@ -30,8 +31,17 @@ def _renderer(gen, latents, layer: int, noise_key):
   return x, lambda y: gen.resume(y, carry, latents, layer, noise_key=noise_key)
 
 
-def edit_images(gen, latents, layer: int, appearances, parts, edits: Sequence,
-                *, normalise: str = "minmax", noise_key=None):
+def edit_images(
+  gen,
+  latents,
+  layer: int,
+  appearances,
+  parts,
+  edits: Sequence,
+  *,
+  normalise: str = "minmax",
+  noise_key=None,
+):
   """Images before and after `editing.edit_many` at `layer` (Sec. 3.3.1).
 
   Args:
@@ -45,13 +55,24 @@ def edit_images(gen, latents, layer: int, appearances, parts, edits: Sequence,
     `(originals, edited)`, each `[n, H, W, ch]`.
   """
   x, render = _renderer(gen, latents, layer, noise_key)
-  return render(x), render(editing.edit_many(x, appearances, parts, edits,
-                                             normalise=normalise))
+  return render(x), render(editing.edit_many(x, appearances, parts, edits, normalise=normalise))
 
 
-def remove_object_images(gen, latents, layer: int, appearances, parts, part,
-                         alpha, *, background=None, mu=None, border: int = 1,
-                         normalise: str = "minmax", noise_key=None):
+def remove_object_images(
+  gen,
+  latents,
+  layer: int,
+  appearances,
+  parts,
+  part,
+  alpha,
+  *,
+  background=None,
+  mu=None,
+  border: int = 1,
+  normalise: str = "minmax",
+  noise_key=None,
+):
   """Images before and after `editing.remove_object` (Sec. 5.1.1).
 
   Returns:
@@ -60,25 +81,45 @@ def remove_object_images(gen, latents, layer: int, appearances, parts, part,
   """
   x, render = _renderer(gen, latents, layer, noise_key)
   edited, background = editing.remove_object(
-      x, appearances, parts, part, alpha, background=background, mu=mu,
-      border=border, normalise=normalise)
+    x,
+    appearances,
+    parts,
+    part,
+    alpha,
+    background=background,
+    mu=mu,
+    border=border,
+    normalise=normalise,
+  )
   return render(x), render(edited), background
 
 
-def rewrite_images(gen, latents, layer: int, appearances, source, target, alpha, *,
-                   keep_residual: bool = True, noise_key=None):
+def rewrite_images(
+  gen,
+  latents,
+  layer: int,
+  appearances,
+  source,
+  target,
+  alpha,
+  *,
+  keep_residual: bool = True,
+  noise_key=None,
+):
   """Images before and after `editing.rewrite` (Sec. 5.5, Eqs. 14-16).
 
   Returns:
     `(originals, rewritten)`, each `[n, H, W, ch]`.
   """
   x, render = _renderer(gen, latents, layer, noise_key)
-  return render(x), render(editing.rewrite(x, appearances, source, target, alpha,
-                                           keep_residual=keep_residual))
+  return render(x), render(
+    editing.rewrite(x, appearances, source, target, alpha, keep_residual=keep_residual)
+  )
 
 
-def saliency_images(gen, latents, layer: int, appearances, *,
-                    method: str = "bilinear", noise_key=None):
+def saliency_images(
+  gen, latents, layer: int, appearances, *, method: str = "bilinear", noise_key=None
+):
   """Images with their saliency maps at image size (Sec. 5.1.2).
 
   Returns:
@@ -89,41 +130,61 @@ def saliency_images(gen, latents, layer: int, appearances, *,
   images = render(x)
   maps = interpret.saliency(x, appearances)
   upsampled = interpret.upsample_saliency(
-      maps, interpret.feature_grid(x), images.shape[1:3], method=method)
+    maps, interpret.feature_grid(x), images.shape[1:3], method=method
+  )
   return images, maps, upsampled
 
 
-def sample_latents(gen, key, indices, *, truncation_psi: float = 1.0,
-                   truncation_cutoff=None):
+def seed_keys(seed: int):
+  """`(sample_key, fit_key)` of a seed: the sample stream and the fit's key.
+
+  Sample t of the stream `seed` has the latents `sample_latents(gen,
+  sample_key, [t])`: what the launchers' `--seed` and a recipe card's seed name.
+  """
+  sample_key, fit_key = jax.random.split(jax.random.PRNGKey(seed))
+  return sample_key, fit_key
+
+
+def sample_latents(gen, key, indices, *, truncation_psi: float = 1.0, truncation_cutoff=None):
   """The latents of the samples `indices` (`[b]` ints) of the stream `key`."""
   indices = jnp.asarray(indices, jnp.int32)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
   z = jax.vmap(lambda k: jax.random.normal(k, (gen.z_dim,)))(keys)  # [b, z_dim]
   c = None
   if gen.c_dim:
-    classes = jax.vmap(lambda k: jax.random.randint(
-        jax.random.fold_in(k, 1), (), 0, gen.c_dim))(keys)
+    classes = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, gen.c_dim))(
+      keys
+    )
     c = jax.nn.one_hot(classes, gen.c_dim)
-  return gen.latents(z, c, truncation_psi=truncation_psi,
-                     truncation_cutoff=truncation_cutoff)
+  return gen.latents(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
 
 
-def sampled_features(gen, key, layer: int, *, num_samples: int,
-                     batch_size: int, truncation_psi: float = 1.0,
-                     truncation_cutoff=None) -> Iterator:
+def sampled_features(
+  gen,
+  key,
+  layer: int,
+  *,
+  num_samples: int,
+  batch_size: int,
+  truncation_psi: float = 1.0,
+  truncation_cutoff=None,
+) -> Iterator:
   """Yields the features `[b, h, w, c]` at `layer` of samples 0 .. num_samples-1."""
   if not (num_samples >= 1 and batch_size >= 1):
-    raise ValueError(f"num_samples and batch_size must be positive, got "
-                     f"{num_samples} and {batch_size}")
+    raise ValueError(
+      f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}"
+    )
   for start in range(0, num_samples, batch_size):
     indices = np.arange(start, min(start + batch_size, num_samples))
-    latents = sample_latents(gen, key, indices, truncation_psi=truncation_psi,
-                             truncation_cutoff=truncation_cutoff)
+    latents = sample_latents(
+      gen, key, indices, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff
+    )
     yield gen.split(latents, layer)[0]
 
 
-def feature_sampler(gen, layer: int, samples_per_device: int, *,
-                    truncation_psi: float = 1.0, truncation_cutoff=None):
+def feature_sampler(
+  gen, layer: int, samples_per_device: int, *, truncation_psi: float = 1.0, truncation_cutoff=None
+):
   """A `DeviceSampler` of `gen`'s features at `layer` for `pj.fit`: latents in, features out.
 
   Each device draws `samples_per_device` latents from its step key
@@ -137,8 +198,9 @@ def feature_sampler(gen, layer: int, samples_per_device: int, *,
 
   def sample(params, key):
     g = gen.with_params(params)
-    latents = sample_latents(g, key, indices, truncation_psi=truncation_psi,
-                             truncation_cutoff=truncation_cutoff)
+    latents = sample_latents(
+      g, key, indices, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff
+    )
     return g.split(latents, layer)[0]
 
   return decomposition.DeviceSampler(sample, gen.params)
@@ -149,16 +211,17 @@ def concept_means_sampled(gen, key, layer: int, appearances, **sampling):
 
   `sampling`: the keyword arguments of `sampled_features`.
   """
-  return interpret.concept_means(
-      sampled_features(gen, key, layer, **sampling), appearances)
+  return interpret.concept_means(sampled_features(gen, key, layer, **sampling), appearances)
 
 
-def rank_sampled(gen, key, layer: int, appearances, appearance, part=None,
-                 *, k: int = 10, **sampling) -> interpret.Ranking:
+def rank_sampled(
+  gen, key, layer: int, appearances, appearance, part=None, *, k: int = 10, **sampling
+) -> interpret.Ranking:
   """Top/bottom-k samples by Eq. (17) / (18), streamed over sampled latents.
 
   The indices name samples of `key`: `sample_latents(gen, key, indices)` gives
   their latents back. `sampling`: the keyword arguments of `sampled_features`.
   """
-  return interpret.rank_dataset(sampled_features(gen, key, layer, **sampling),
-                                appearances, appearance, part, k=k)
+  return interpret.rank_dataset(
+    sampled_features(gen, key, layer, **sampling), appearances, appearance, part, k=k
+  )

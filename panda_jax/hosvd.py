@@ -5,6 +5,7 @@ channel scatter summed over the whole dataset. The scatter is accumulated one
 batch at a time (`scatter_init` / `scatter_update` / `scatter_finalize`), so the
 dataset is never held in memory at once.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Union
@@ -14,7 +15,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from panda_jax import _checks
+from panda_jax import checks
 
 
 def scatter_init(num_channels: int, dtype=jnp.float32) -> jax.Array:
@@ -29,7 +30,7 @@ def unfolded_scatter(z: jax.Array) -> jax.Array:
 
 @jax.jit
 def _accumulate(scatter, features):
-  z, _ = _checks.flatten_features(features)
+  z, _ = checks.flatten_features(features)
   flat = jnp.reshape(z, (-1, z.shape[-1]))  # [n*s, c]: one GEMM, no per-sample [c, c].
   return scatter + flat.T @ flat
 
@@ -37,10 +38,9 @@ def _accumulate(scatter, features):
 def scatter_update(scatter: jax.Array, features) -> jax.Array:
   """Adds `sum_i Z_i(3) Z_i(3)^T` of a batch (`[n, s, c]` or `[n, h, w, c]`)."""
   if features.shape[-1] != scatter.shape[0]:
-    raise ValueError(
-        f"batch has {features.shape[-1]} channels, the scatter {scatter.shape[0]}")
-  _checks.flatten_features(features)
-  _checks.check_finite(features, "features")
+    raise ValueError(f"batch has {features.shape[-1]} channels, the scatter {scatter.shape[0]}")
+  checks.flatten_features(features)
+  checks.check_finite(features, "features")
   return _accumulate(scatter, features)
 
 
@@ -59,7 +59,9 @@ def scatter_finalize(scatter: jax.Array, rank_c: int) -> jax.Array:
   return top * jnp.sign(pivot)
 
 
-def hosvd_init(features_or_batches: Union[jax.Array, np.ndarray, Iterable], rank_c: int) -> jax.Array:
+def hosvd_init(
+  features_or_batches: Union[jax.Array, np.ndarray, Iterable], rank_c: int
+) -> jax.Array:
   """`A^(1)`: top-`r_c` left singular vectors of the channel scatter.
 
   In a run of several processes each passes its own samples: the `[c, c]`

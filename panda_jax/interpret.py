@@ -10,6 +10,7 @@ Indices of appearances (and of parts, in `editing`) may be Python ints or
 integer arrays, concrete or traced (`take_index`), so a ranking or an edit can
 be `jit`-ed or `vmap`-ed over them.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from panda_jax import _checks
+from panda_jax import checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -45,15 +46,16 @@ def take_index(matrix, index, name: str):
   """
   size = matrix.shape[-1]
   if isinstance(index, (bool, np.bool_)) or not (
-      isinstance(index, (int, np.integer))
-      or jnp.issubdtype(getattr(index, "dtype", np.float32), jnp.integer)):
-    raise ValueError(f"{name} must be an integer in [0, {size}) or an integer array, "
-                     f"got {index!r}")
+    isinstance(index, (int, np.integer))
+    or jnp.issubdtype(getattr(index, "dtype", np.float32), jnp.integer)
+  ):
+    raise ValueError(f"{name} must be an integer in [0, {size}) or an integer array, got {index!r}")
   index = jnp.asarray(index)
   if index.ndim > 1:
-    raise ValueError(f"{name} must be an integer or a 1-d integer array, got shape "
-                     f"{tuple(index.shape)}")
-  if _checks.is_concrete(index):
+    raise ValueError(
+      f"{name} must be an integer or a 1-d integer array, got shape {tuple(index.shape)}"
+    )
+  if checks.is_concrete(index):
     values = np.asarray(index)
     if values.size and (values.min() < 0 or values.max() >= size):
       shown = values.tolist()
@@ -72,13 +74,16 @@ def feature_grid(features) -> tuple[int, int]:
   if features.ndim == 4:
     return int(features.shape[1]), int(features.shape[2])
   if features.ndim != 3:
-    raise ValueError(f"features must be [n, s, c] or [n, h, w, c], got shape "
-                     f"{tuple(features.shape)}")
+    raise ValueError(
+      f"features must be [n, s, c] or [n, h, w, c], got shape {tuple(features.shape)}"
+    )
   s = int(features.shape[1])
   g = math.isqrt(s)
   if g * g != s:
-    raise ValueError(f"cannot infer the spatial grid of [n, s={s}, c] features "
-                     "(s is not a square): pass them as [n, h, w, c]")
+    raise ValueError(
+      f"cannot infer the spatial grid of [n, s={s}, c] features "
+      "(s is not a square): pass them as [n, h, w, c]"
+    )
   return g, g
 
 
@@ -98,8 +103,8 @@ def saliency(features, appearances):
   reports the drift as `Factors.orthogonality_error` and warns above
   `pj.ORTHOGONALITY_BOUND`).
   """
-  z, _ = _checks.flatten_features(features)
-  _checks.check_factors(z.shape, appearances)
+  z, _ = checks.flatten_features(features)
+  checks.check_factors(z.shape, appearances)
   return jnp.einsum("nsc,cr->nsr", z, appearances, precision=_HIGHEST)
 
 
@@ -115,28 +120,27 @@ def upsample_saliency(maps, grid, size, method: str = "bilinear"):
   """
   h, w = grid
   if maps.ndim != 3 or maps.shape[1] != h * w:
-    raise ValueError(f"maps must be [n, s={h * w}, r] for grid {(h, w)}, got "
-                     f"shape {tuple(maps.shape)}")
+    raise ValueError(
+      f"maps must be [n, s={h * w}, r] for grid {(h, w)}, got shape {tuple(maps.shape)}"
+    )
   n, _, r = maps.shape
   big_h, big_w = size
-  return jax.image.resize(jnp.reshape(maps, (n, h, w, r)),
-                          (n, big_h, big_w, r), method=method)
+  return jax.image.resize(jnp.reshape(maps, (n, h, w, r)), (n, big_h, big_w, r), method=method)
 
 
 class ConceptMeanState(NamedTuple):
   """Streamed mean of the saliency maps per concept (mu_k of Sec. 5.1.2)."""
-  mean: jax.Array   # [r_c] running mean of m_iks over the samples and positions seen
+
+  mean: jax.Array  # [r_c] running mean of m_iks over the samples and positions seen
   count: jax.Array  # [] int32, number of samples seen
 
 
 def concept_mean_init(rank_c: int) -> ConceptMeanState:
   """Empty statistics for `rank_c` concepts."""
-  return ConceptMeanState(mean=jnp.zeros((rank_c,), jnp.float32),
-                          count=jnp.zeros((), jnp.int32))
+  return ConceptMeanState(mean=jnp.zeros((rank_c,), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
-def concept_mean_update(state: ConceptMeanState, features,
-                        appearances) -> ConceptMeanState:
+def concept_mean_update(state: ConceptMeanState, features, appearances) -> ConceptMeanState:
   """Adds one batch of features `[n, (h, w | s), c]` to the statistics.
 
   A running mean (not a running sum), so that float32 keeps its precision over
@@ -144,8 +148,7 @@ def concept_mean_update(state: ConceptMeanState, features,
   """
   m = saliency(features, appearances)  # [n, s, r_c]
   if m.shape[2] != state.mean.shape[0]:
-    raise ValueError(f"appearances have r_c={m.shape[2]} columns, the state "
-                     f"{state.mean.shape[0]}")
+    raise ValueError(f"appearances have r_c={m.shape[2]} columns, the state {state.mean.shape[0]}")
   n = m.shape[0]
   count = state.count + n
   batch_mean = jnp.mean(m, axis=(0, 1)).astype(jnp.float32)  # [r_c]
@@ -155,7 +158,7 @@ def concept_mean_update(state: ConceptMeanState, features,
 
 def concept_mean_finalize(state: ConceptMeanState):
   """`mu_k = 1/(N S) sum_{n,s} m_nks`, `[r_c]` (Sec. 5.1.2)."""
-  if _checks.is_concrete(state.count) and int(state.count) == 0:
+  if checks.is_concrete(state.count) and int(state.count) == 0:
     raise ValueError("no batch was given to concept_mean_update")
   return state.mean
 
@@ -199,8 +202,8 @@ def rank(features, appearances, appearance, part=None):
   Returns:
     `[n]` scores.
   """
-  z, _ = _checks.flatten_features(features)
-  _checks.check_factors(z.shape, appearances)
+  z, _ = checks.flatten_features(features)
+  checks.check_factors(z.shape, appearances)
   a_j = take_index(appearances, appearance, "appearance")  # [c]
   if a_j.ndim != 1:
     raise ValueError(f"appearance must be one index, got shape {tuple(jnp.shape(appearance))}")
@@ -210,10 +213,9 @@ def rank(features, appearances, appearance, part=None):
     return jnp.sum(m, axis=1)
   part = jnp.asarray(part)
   if part.shape not in ((s,), (n, s)):
-    raise ValueError(f"part must be [s={s}] or [n={n}, s={s}], got shape "
-                     f"{tuple(part.shape)}")
-  if _checks.is_concrete(part):
-    _checks.check_finite(part, "part")
+    raise ValueError(f"part must be [s={s}] or [n={n}, s={s}], got shape {tuple(part.shape)}")
+  if checks.is_concrete(part):
+    checks.check_finite(part, "part")
     if np.any(np.asarray(part) < 0):
       raise ValueError("part must be non-negative (Eq. 18)")
   return jnp.sum(m * jnp.reshape(part, (-1, s)), axis=1)
@@ -221,15 +223,17 @@ def rank(features, appearances, appearance, part=None):
 
 class RankState(NamedTuple):
   """The k highest and k lowest scores seen so far, and their sample indices."""
-  top_scores: jax.Array     # [k] descending; -inf where empty
-  top_index: jax.Array      # [k] int32 global sample indices; -1 where empty
+
+  top_scores: jax.Array  # [k] descending; -inf where empty
+  top_index: jax.Array  # [k] int32 global sample indices; -1 where empty
   bottom_scores: jax.Array  # [k] ascending; +inf where empty
-  bottom_index: jax.Array   # [k] int32; -1 where empty
-  count: jax.Array          # [] int32, samples seen (the next global index)
+  bottom_index: jax.Array  # [k] int32; -1 where empty
+  count: jax.Array  # [] int32, samples seen (the next global index)
 
 
 class Ranking(NamedTuple):
   """Result of a streamed ranking (numpy arrays of length min(k, samples))."""
+
   top_index: np.ndarray
   top_scores: np.ndarray
   bottom_index: np.ndarray
@@ -241,11 +245,13 @@ def rank_init(k: int) -> RankState:
   if not (isinstance(k, (int, np.integer)) and k >= 1):
     raise ValueError(f"k must be a positive integer, got {k!r}")
   empty = -jnp.ones((k,), jnp.int32)
-  return RankState(top_scores=jnp.full((k,), -jnp.inf, jnp.float32),
-                   top_index=empty,
-                   bottom_scores=jnp.full((k,), jnp.inf, jnp.float32),
-                   bottom_index=empty,
-                   count=jnp.zeros((), jnp.int32))
+  return RankState(
+    top_scores=jnp.full((k,), -jnp.inf, jnp.float32),
+    top_index=empty,
+    bottom_scores=jnp.full((k,), jnp.inf, jnp.float32),
+    bottom_index=empty,
+    count=jnp.zeros((), jnp.int32),
+  )
 
 
 def _merge_top(scores, index, new_scores, new_index):
@@ -264,24 +270,28 @@ def rank_update(state: RankState, scores) -> RankState:
   scores = scores.astype(jnp.float32)
   index = state.count + jnp.arange(scores.shape[0], dtype=jnp.int32)
   top, top_index = _merge_top(state.top_scores, state.top_index, scores, index)
-  neg_bottom, bottom_index = _merge_top(-state.bottom_scores, state.bottom_index,
-                                        -scores, index)
-  return RankState(top_scores=top, top_index=top_index,
-                   bottom_scores=-neg_bottom, bottom_index=bottom_index,
-                   count=state.count + scores.shape[0])
+  neg_bottom, bottom_index = _merge_top(-state.bottom_scores, state.bottom_index, -scores, index)
+  return RankState(
+    top_scores=top,
+    top_index=top_index,
+    bottom_scores=-neg_bottom,
+    bottom_index=bottom_index,
+    count=state.count + scores.shape[0],
+  )
 
 
 def rank_finalize(state: RankState) -> Ranking:
   """Top (descending) and bottom (ascending) sample indices and scores."""
   k = min(int(state.top_index.shape[0]), int(state.count))
-  return Ranking(top_index=np.asarray(state.top_index)[:k],
-                 top_scores=np.asarray(state.top_scores)[:k],
-                 bottom_index=np.asarray(state.bottom_index)[:k],
-                 bottom_scores=np.asarray(state.bottom_scores)[:k])
+  return Ranking(
+    top_index=np.asarray(state.top_index)[:k],
+    top_scores=np.asarray(state.top_scores)[:k],
+    bottom_index=np.asarray(state.bottom_index)[:k],
+    bottom_scores=np.asarray(state.bottom_scores)[:k],
+  )
 
 
-def rank_dataset(batches: Iterable, appearances, appearance, part=None,
-                 *, k: int = 10) -> Ranking:
+def rank_dataset(batches: Iterable, appearances, appearance, part=None, *, k: int = 10) -> Ranking:
   """Streams `rank` (Eq. 17 / 18) over feature batches; the top and bottom `k`.
 
   Sample indices count the samples in the order the batches come.

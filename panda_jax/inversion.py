@@ -30,6 +30,7 @@ same shape, whatever the step counts. Images in a batch are independent: the
 loss is the sum of per-image losses and Adam is elementwise, so batching
 changes no image's result.
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,6 +66,7 @@ class Inversion(NamedTuple):
   latent_reconstruction: `[n, H, W, ch]` the image of `latents` alone (before the
     feature stage; equal to `reconstruction` without one).
   """
+
   latents: Any
   features: Optional[jax.Array]
   carry: Any
@@ -82,11 +84,10 @@ _BLUR = np.array([1.0, 4.0, 6.0, 4.0, 1.0], np.float32) / 16.0
 def blur(images):
   """Separable 5-tap binomial blur, reflect padding: `[n, H, W, ch]` -> same shape."""
   n, h, w, ch = images.shape
-  x = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect" if min(h, w) > 2
-              else "edge")
+  x = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect" if min(h, w) > 2 else "edge")
   k = jnp.asarray(_BLUR)
-  x = sum(k[i] * x[:, i:i + h] for i in range(5))            # [n, H, W + 4, ch]
-  return sum(k[i] * x[:, :, i:i + w] for i in range(5))      # [n, H, W, ch]
+  x = sum(k[i] * x[:, i : i + h] for i in range(5))  # [n, H, W + 4, ch]
+  return sum(k[i] * x[:, :, i : i + w] for i in range(5))  # [n, H, W, ch]
 
 
 def downsample(images):
@@ -96,8 +97,9 @@ def downsample(images):
 
 def upsample(images, size):
   """Bilinear resize to `size=(H, W)`: `[n, h, w, ch]` -> `[n, H, W, ch]`."""
-  return jax.image.resize(images, (images.shape[0],) + tuple(size) + images.shape[3:],
-                          method="bilinear")
+  return jax.image.resize(
+    images, (images.shape[0],) + tuple(size) + images.shape[3:], method="bilinear"
+  )
 
 
 def laplacian_pyramid(images, levels: int):
@@ -127,7 +129,7 @@ def pyramid_loss(reconstruction, target, levels: int = 3):
   so the pyramid of the difference is taken once.
   """
   bands = laplacian_pyramid(reconstruction - target, levels)
-  return sum((0.5 ** k) * jnp.mean(jnp.abs(b), axis=(1, 2, 3)) for k, b in enumerate(bands))
+  return sum((0.5**k) * jnp.mean(jnp.abs(b), axis=(1, 2, 3)) for k, b in enumerate(bands))
 
 
 # The pyramid loss as two matrix products, for the compiled inversion: the same
@@ -153,11 +155,13 @@ def _resize_matrix(m_in: int, m_out: int) -> np.ndarray:
   """`[m_out, m_in]` `jax.image.resize(method="bilinear")` along one axis (its weights)."""
   inv_scale = m_in / m_out
   sample = (np.arange(m_out) + 0.5) * inv_scale - 0.5
-  weights = np.maximum(0.0, 1.0 - np.abs(sample[None] - np.arange(m_in)[:, None])
-                       / max(inv_scale, 1.0))
+  weights = np.maximum(
+    0.0, 1.0 - np.abs(sample[None] - np.arange(m_in)[:, None]) / max(inv_scale, 1.0)
+  )
   total = weights.sum(0, keepdims=True)
-  weights = np.where(np.abs(total) > 1000.0 * np.finfo(np.float32).eps,
-                     weights / np.where(total != 0, total, 1), 0)
+  weights = np.where(
+    np.abs(total) > 1000.0 * np.finfo(np.float32).eps, weights / np.where(total != 0, total, 1), 0
+  )
   inside = (sample >= -0.5) & (sample <= m_in - 0.5)
   return np.where(inside[None], weights, 0).T
 
@@ -176,7 +180,7 @@ def _pyramid_matrices(h: int, w: int, levels: int):
     ops.append((down, [_resize_matrix(d.shape[0], m) for d, m in zip(down, (hk, wk))]))
   per_axis = []
   for axis, size in enumerate((h, w)):
-    reach, a_rows, b_rows = np.eye(size), [], []    # reach: [m_k, size], level k of the input.
+    reach, a_rows, b_rows = np.eye(size), [], []  # reach: [m_k, size], level k of the input.
     for k in range(levels + 1):
       a_rows.append(reach)
       if k < levels:
@@ -202,15 +206,16 @@ def _matrix_pyramid_loss(diff, levels: int):
   weight = np.zeros((rows.shape[1], cols.shape[1]), np.float32)
   r = c = 0
   for k, (hk, wk) in enumerate(sizes):
-    weight[r:r + hk, c:c + wk] = 0.5 ** k / (hk * wk * ch)
+    weight[r : r + hk, c : c + wk] = 0.5**k / (hk * wk * ch)
     r, c = r + hk, c + wk
   precision = jax.lax.Precision.HIGHEST
-  x = jnp.einsum("psh,nhwc->npswc", jnp.asarray(rows, diff.dtype), diff,
-                 precision=precision)                         # [n, 2, r_h, w, ch]
-  x = jnp.einsum("npswc,ptw->nstc", x, jnp.asarray(cols, diff.dtype),
-                 precision=precision)                         # [n, r_h, r_w, ch]
-  return jnp.einsum("nstc,st->n", jnp.abs(x), jnp.asarray(weight, diff.dtype),
-                    precision=precision)
+  x = jnp.einsum(
+    "psh,nhwc->npswc", jnp.asarray(rows, diff.dtype), diff, precision=precision
+  )  # [n, 2, r_h, w, ch]
+  x = jnp.einsum(
+    "npswc,ptw->nstc", x, jnp.asarray(cols, diff.dtype), precision=precision
+  )  # [n, r_h, r_w, ch]
+  return jnp.einsum("nstc,st->n", jnp.abs(x), jnp.asarray(weight, diff.dtype), precision=precision)
 
 
 def _structure_loss(reconstruction, target, levels: int):
@@ -220,8 +225,7 @@ def _structure_loss(reconstruction, target, levels: int):
   return pyramid_loss(reconstruction, target, levels)
 
 
-def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0,
-                        levels: int = 3):
+def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0, levels: int = 3):
   """`pixel_loss + structure_weight * pyramid_loss` per image: `[n]`."""
   loss = pixel_loss(reconstruction, target)
   if structure_weight:
@@ -233,7 +237,7 @@ def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0
 def psnr(reconstruction, target, data_range: float = 2.0):
   """Peak signal-to-noise ratio per image in dB (`data_range` 2 for images in [-1, 1]): `[n]`."""
   mse = pixel_loss(jnp.asarray(reconstruction, jnp.float32), jnp.asarray(target, jnp.float32))
-  return 10.0 * jnp.log10(data_range ** 2 / jnp.maximum(mse, 1e-12))
+  return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -245,8 +249,9 @@ def image_shape(gen) -> tuple:
   `ch` is `gen.config["source"]["rgb_channels"]` when the generator emits
   extra label channels (the embedded toy faces: 3 of 9), else all of them.
   """
-  out = jax.eval_shape(lambda k: gen.generate(mean_latents(gen, k, num_draws=2)),
-                       jax.random.PRNGKey(0))
+  out = jax.eval_shape(
+    lambda k: gen.generate(mean_latents(gen, k, num_draws=2)), jax.random.PRNGKey(0)
+  )
   source = gen.config.get("source")
   ch = out.shape[-1]
   if isinstance(source, dict) and "rgb_channels" in source:
@@ -259,19 +264,21 @@ def check_images(gen, images) -> jax.Array:
   images = np.asarray(images)
   want = image_shape(gen)
   if images.ndim == 3:
-    raise ValueError(f"images must be a batch [n, {want[0]}, {want[1]}, {want[2]}]; got one "
-                     f"image {images.shape}: add a leading axis")
+    raise ValueError(
+      f"images must be a batch [n, {want[0]}, {want[1]}, {want[2]}]; got one "
+      f"image {images.shape}: add a leading axis"
+    )
   if images.ndim != 4 or images.shape[0] < 1:
-    raise ValueError(f"images must be [n, {want[0]}, {want[1]}, {want[2]}], got shape "
-                     f"{images.shape}")
+    raise ValueError(
+      f"images must be [n, {want[0]}, {want[1]}, {want[2]}], got shape {images.shape}"
+    )
   if images.shape[1:3] != want[:2]:
-    raise ValueError(f"images are {images.shape[1]}x{images.shape[2]}, the generator makes "
-                     f"{want[0]}x{want[1]}")
+    raise ValueError(
+      f"images are {images.shape[1]}x{images.shape[2]}, the generator makes {want[0]}x{want[1]}"
+    )
   if images.shape[3] != want[2]:
-    raise ValueError(f"images have {images.shape[3]} channel(s), the generator makes "
-                     f"{want[2]}")
-  if not np.issubdtype(images.dtype, np.floating) and not np.issubdtype(images.dtype,
-                                                                         np.integer):
+    raise ValueError(f"images have {images.shape[3]} channel(s), the generator makes {want[2]}")
+  if not np.issubdtype(images.dtype, np.floating) and not np.issubdtype(images.dtype, np.integer):
     raise ValueError(f"images must be numbers, got dtype {images.dtype}")
   images = images.astype(np.float32)
   bad = int(np.size(images) - np.count_nonzero(np.isfinite(images)))
@@ -296,8 +303,8 @@ def mean_latents(gen, key, num_draws: int = 256):
 
   def mean(leaf):
     leaf = jnp.asarray(leaf)
-    return jnp.mean(leaf, 0, keepdims=True) if leaf.ndim and leaf.shape[0] == num_draws \
-        else leaf
+    return jnp.mean(leaf, 0, keepdims=True) if leaf.ndim and leaf.shape[0] == num_draws else leaf
+
   return jax.tree.map(mean, lat)
 
 
@@ -330,9 +337,10 @@ def _gen_key(gen):
 
 class _Plan(NamedTuple):
   """Static description of one inversion (hashable: part of a `jit` static argument)."""
+
   gen_key: Any
   structure: Any
-  tie: tuple               # per free leaf: broadcast [n, d] over axis 1 to this many layers (0: no)
+  tie: tuple  # per free leaf: broadcast [n, d] over axis 1 to this many layers (0: no)
   layer: Optional[int]
   channels: int
   structure_weight: float
@@ -349,6 +357,7 @@ class _Spec(NamedTuple):
   Generators of the same architecture and config share the compiled programs:
   their parameters are arguments, so a reloaded generator reuses them.
   """
+
   gen: Any
   plan: _Plan
 
@@ -372,6 +381,7 @@ class _State(NamedTuple):
   latent_image: `[n, H, W, ch]` the image of the latents alone at the last step
     that evaluated them without feature changes.
   """
+
   free: Any
   latent_opt: Any
   delta: Any
@@ -388,12 +398,13 @@ _LATENT, _FEATURE, _EVALUATE, _SKIP = 0, 1, 2, 3
 
 
 def _expand(free, tie):
-  return [jnp.broadcast_to(v[:, None], (v.shape[0], t) + v.shape[1:]) if t else v
-          for v, t in zip(free, tie)]
+  return [
+    jnp.broadcast_to(v[:, None], (v.shape[0], t) + v.shape[1:]) if t else v
+    for v, t in zip(free, tie)
+  ]
 
 
-def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target, gen,
-                    plan: _Plan):
+def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target, gen, plan: _Plan):
   """The summed loss of one evaluation, with `(image [n, H, W, ch], base)` as aux.
 
   With `layer`, the image is `gen.resume(x + delta, carry, latents, layer)` where
@@ -410,7 +421,7 @@ def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target,
     base = jax.lax.cond(refresh, lambda l: g.split(l, plan.layer), lambda _: stored, latents)
     x, carry = base
     out = g.resume(x + delta, carry, latents, plan.layer)
-  out = out[..., :plan.channels]
+  out = out[..., : plan.channels]
   loss = pixel_loss(out, target)
   if plan.structure_weight or plan.feature_structure_weight:
     loss = loss + weight * _structure_loss(out, target, plan.levels)
@@ -426,9 +437,8 @@ def _step(state: _State, xs, fixed, params, target, spec: _Spec):
   def run(state):
     weight = jnp.where(mode == _FEATURE, plan.feature_structure_weight, plan.structure_weight)
     (loss, (image, base)), (g_free, g_delta) = jax.value_and_grad(
-        _image_and_loss, argnums=(0, 1), has_aux=True)(
-            state.free, state.delta, state.base, refresh, weight, fixed, params, target,
-            spec.gen, plan)
+      _image_and_loss, argnums=(0, 1), has_aux=True
+    )(state.free, state.delta, state.base, refresh, weight, fixed, params, target, spec.gen, plan)
     keep = lambda on, new, old: jax.tree.map(lambda a, b: jnp.where(on, a, b), new, old)
     updates, latent_opt = plan.optimizer.update(g_free, state.latent_opt, state.free)
     latent = mode == _LATENT
@@ -473,8 +483,10 @@ def _begin(key, init, params, target, *, spec: _Spec):
   n = target.shape[0]
   mean_key, start_key = jax.random.split(key)
   if init is None:
-    init = jax.tree.map(lambda l: jnp.broadcast_to(l, (n,) + l.shape[1:])
-                        if jnp.ndim(l) and l.shape[0] == 1 else l, mean_latents(gen, mean_key))
+    init = jax.tree.map(
+      lambda l: jnp.broadcast_to(l, (n,) + l.shape[1:]) if jnp.ndim(l) and l.shape[0] == 1 else l,
+      mean_latents(gen, mean_key),
+    )
   free, fixed, _ = _free_and_fixed(init, n)
   free = [v[:, 0] if t else v for v, t in zip(free, plan.tie)]
   if plan.num_starts > 1:
@@ -482,8 +494,10 @@ def _begin(key, init, params, target, *, spec: _Spec):
   delta = feature_opt = base = ()
   if plan.layer is not None:
     latents = _merge(_expand(free, plan.tie), fixed, plan.structure)
-    base = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                        jax.eval_shape(lambda l: gen.split(l, plan.layer), latents))
+    base = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(lambda l: gen.split(l, plan.layer), latents),
+    )
     delta = jnp.zeros_like(base[0])
     feature_opt = plan.feature_optimizer.init(delta)
   image = jnp.zeros(target.shape, jnp.float32)
@@ -494,8 +508,11 @@ def _begin(key, init, params, target, *, spec: _Spec):
 @functools.lru_cache(maxsize=None)
 def _jitted(fn, backend: str, options: tuple):
   """`fn` under `jit` (static `spec`), compiled with `options` on the CPU backend."""
-  return jax.jit(fn, static_argnames=("spec",),
-                 compiler_options=dict(options) if backend == "cpu" and options else None)
+  return jax.jit(
+    fn,
+    static_argnames=("spec",),
+    compiler_options=dict(options) if backend == "cpu" and options else None,
+  )
 
 
 def _compiled(fn):
@@ -514,15 +531,31 @@ def _schedule(steps: int, feature_steps: int, features: bool, chunk: int):
     refresh[-1] = True
   size = -(-len(modes) // chunk) * chunk
   pad = size - len(modes)
-  return (np.asarray(modes + [_SKIP] * pad, np.int32),
-          np.asarray(refresh[:len(modes)] + [False] * pad, bool))
+  return (
+    np.asarray(modes + [_SKIP] * pad, np.int32),
+    np.asarray(refresh[: len(modes)] + [False] * pad, bool),
+  )
 
 
-def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optional[int] = None,
-           feature_steps: int = 0, feature_optimizer=None, tie_layers: bool = False,
-           structure_weight: float = 1.0, feature_structure_weight: float = 0.0,
-           levels: int = 3, num_starts: int = 1,
-           init=None, chunk_size: int = 50, progress: bool = True) -> Inversion:
+def invert(
+  gen,
+  images,
+  *,
+  key,
+  steps: int = 300,
+  optimizer=None,
+  layer: Optional[int] = None,
+  feature_steps: int = 0,
+  feature_optimizer=None,
+  tie_layers: bool = False,
+  structure_weight: float = 1.0,
+  feature_structure_weight: float = 0.0,
+  levels: int = 3,
+  num_starts: int = 1,
+  init=None,
+  chunk_size: int = 50,
+  progress: bool = True,
+) -> Inversion:
   """Latents (and features at `layer`) of `images` under `gen`.
 
   Args:
@@ -558,45 +591,65 @@ def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optiona
     ValueError: images of another size or channel count, non-finite values, a
       bad `layer`, negative steps.
   """
-  for name, value in (("steps", steps), ("feature_steps", feature_steps),
-                      ("num_starts", num_starts - 1), ("chunk_size", chunk_size - 1)):
+  for name, value in (
+    ("steps", steps),
+    ("feature_steps", feature_steps),
+    ("num_starts", num_starts - 1),
+    ("chunk_size", chunk_size - 1),
+  ):
     if not isinstance(value, (int, np.integer)) or value < 0:
-      raise ValueError(f"{name} must be an integer >= {0 if name.endswith('steps') else 1}, "
-                       f"got {value!r}")
+      raise ValueError(
+        f"{name} must be an integer >= {0 if name.endswith('steps') else 1}, got {value!r}"
+      )
   if feature_steps and layer is None:
     raise ValueError("feature_steps > 0 needs a layer (the features to fine-tune)")
   if layer is not None:
     layer = gen.check_layer(layer)
   target = check_images(gen, images)
   n, channels = target.shape[0], target.shape[-1]
-  shapes = jax.eval_shape(
-      lambda k: mean_latents(gen, k) if init is None else init, key)
+  shapes = jax.eval_shape(lambda k: mean_latents(gen, k) if init is None else init, key)
   if init is None:
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct((n,) + s.shape[1:], s.dtype)
-                          if s.shape and s.shape[0] == 1 else s, shapes)
+    shapes = jax.tree.map(
+      lambda s: (
+        jax.ShapeDtypeStruct((n,) + s.shape[1:], s.dtype) if s.shape and s.shape[0] == 1 else s
+      ),
+      shapes,
+    )
   free, _, structure = _free_and_fixed(shapes, n)
   if not free:
-    raise ValueError(f"init must be latents of the {n} image(s) (leaves [{n}, ...]); none of "
-                     f"its leaves has that leading axis")
+    raise ValueError(
+      f"init must be latents of the {n} image(s) (leaves [{n}, ...]); none of "
+      f"its leaves has that leading axis"
+    )
   tie = tuple(int(v.shape[1]) if tie_layers and len(v.shape) == 3 else 0 for v in free)
-  plan = _Plan(_gen_key(gen), structure, tie, layer, channels, float(structure_weight),
-               float(feature_structure_weight), int(levels),
-               optimizer if optimizer is not None else LATENT_OPTIMIZER,
-               feature_optimizer if feature_optimizer is not None else FEATURE_OPTIMIZER,
-               int(num_starts))
+  plan = _Plan(
+    _gen_key(gen),
+    structure,
+    tie,
+    layer,
+    channels,
+    float(structure_weight),
+    float(feature_structure_weight),
+    int(levels),
+    optimizer if optimizer is not None else LATENT_OPTIMIZER,
+    feature_optimizer if feature_optimizer is not None else FEATURE_OPTIMIZER,
+    int(num_starts),
+  )
   spec = _Spec(gen, plan)
   state, fixed = _compiled(_begin)(key, init, gen.params, target, spec=spec)
   modes, refresh = _schedule(steps, feature_steps, layer is not None, chunk_size)
   bar = None
   if progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
     bar = tqdm(total=steps + feature_steps, desc="invert", unit="step", leave=False)
   history = []
   try:
     for start in range(0, len(modes), chunk_size):
       part = slice(start, start + chunk_size)
       state, losses, latents, features = _compiled(_chunk)(
-          state, modes[part], refresh[part], fixed, gen.params, target, spec=spec)
+        state, modes[part], refresh[part], fixed, gen.params, target, spec=spec
+      )
       done = modes[part] <= _FEATURE
       history.append(np.asarray(losses)[done])
       if bar is not None and done.any():
@@ -606,8 +659,9 @@ def invert(gen, images, *, key, steps: int = 300, optimizer=None, layer: Optiona
     if bar is not None:
       bar.close()
   carry = None if layer is None else state.base[1]
-  return Inversion(latents, features, carry, state.image, jnp.asarray(np.concatenate(history)),
-                   state.latent_image)
+  return Inversion(
+    latents, features, carry, state.image, jnp.asarray(np.concatenate(history)), state.latent_image
+  )
 
 
 def _best_start(gen, free, fixed, target, plan, key, num_starts):
@@ -616,8 +670,13 @@ def _best_start(gen, free, fixed, target, plan, key, num_starts):
 
   def loss_of(cand):
     lat = _merge(_expand(cand, plan.tie), fixed, plan.structure)
-    return reconstruction_loss(gen.generate(lat)[..., :plan.channels], target,
-                               structure_weight=plan.structure_weight, levels=plan.levels)
+    return reconstruction_loss(
+      gen.generate(lat)[..., : plan.channels],
+      target,
+      structure_weight=plan.structure_weight,
+      levels=plan.levels,
+    )
+
   best, best_loss = list(free), loss_of(free)
   for k in range(num_starts - 1):
     z = jax.random.normal(jax.random.fold_in(key, k), (n, gen.z_dim))
@@ -626,7 +685,8 @@ def _best_start(gen, free, fixed, target, plan, key, num_starts):
     cand = [v[:, 0] if t else v for v, t in zip(cand, plan.tie)]
     loss = loss_of(cand)
     better = loss < best_loss
-    best = [jnp.where(better.reshape((n,) + (1,) * (b.ndim - 1)), c_, b)
-            for b, c_ in zip(best, cand)]
+    best = [
+      jnp.where(better.reshape((n,) + (1,) * (b.ndim - 1)), c_, b) for b, c_ in zip(best, cand)
+    ]
     best_loss = jnp.minimum(loss, best_loss)
   return best

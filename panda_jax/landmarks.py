@@ -32,6 +32,7 @@ environment variable `PANDA_MEDIAPIPE_PYTHON`, else the virtual environment
 `venv` argument / `PANDA_MEDIAPIPE_VENV` / `~/.cache/panda_jax/mediapipe-0.10.14`,
 created on first use when `create=True`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,6 +44,8 @@ import tempfile
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from panda_jax import viz
 
 MEDIAPIPE_VERSION = "0.10.14"
 REQUIREMENT = f"mediapipe=={MEDIAPIPE_VERSION}"
@@ -57,31 +60,130 @@ _READY = "panda_jax_ready"  # Written into a venv once mediapipe imports there.
 # `mediapipe.solutions.face_mesh.FACEMESH_*`, mediapipe 0.10.14); the worker
 # reports its own and `detect` checks that they agree.
 GROUPS = {
-    "left_eye": (249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466),
-    "right_eye": (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246),
-    "lips": (0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181,
-             185, 191, 267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402,
-             405, 409, 415),
-    "nose": (1, 2, 4, 5, 6, 19, 45, 48, 64, 94, 97, 98, 115, 168, 195, 197, 220, 275, 278, 294,
-             326, 327, 344, 440),
-    "face_oval": (10, 21, 54, 58, 67, 93, 103, 109, 127, 132, 136, 148, 149, 150, 152, 162, 172,
-                  176, 234, 251, 284, 288, 297, 323, 332, 338, 356, 361, 365, 377, 378, 379, 389,
-                  397, 400, 454),
+  "left_eye": (249, 263, 362, 373, 374, 380, 381, 382, 384, 385, 386, 387, 388, 390, 398, 466),
+  "right_eye": (7, 33, 133, 144, 145, 153, 154, 155, 157, 158, 159, 160, 161, 163, 173, 246),
+  "lips": (
+    0,
+    13,
+    14,
+    17,
+    37,
+    39,
+    40,
+    61,
+    78,
+    80,
+    81,
+    82,
+    84,
+    87,
+    88,
+    91,
+    95,
+    146,
+    178,
+    181,
+    185,
+    191,
+    267,
+    269,
+    270,
+    291,
+    308,
+    310,
+    311,
+    312,
+    314,
+    317,
+    318,
+    321,
+    324,
+    375,
+    402,
+    405,
+    409,
+    415,
+  ),
+  "nose": (
+    1,
+    2,
+    4,
+    5,
+    6,
+    19,
+    45,
+    48,
+    64,
+    94,
+    97,
+    98,
+    115,
+    168,
+    195,
+    197,
+    220,
+    275,
+    278,
+    294,
+    326,
+    327,
+    344,
+    440,
+  ),
+  "face_oval": (
+    10,
+    21,
+    54,
+    58,
+    67,
+    93,
+    103,
+    109,
+    127,
+    132,
+    136,
+    148,
+    149,
+    150,
+    152,
+    162,
+    172,
+    176,
+    234,
+    251,
+    284,
+    288,
+    297,
+    323,
+    332,
+    338,
+    356,
+    361,
+    365,
+    377,
+    378,
+    379,
+    389,
+    397,
+    400,
+    454,
+  ),
 }
 
 
 class Region(NamedTuple):
   """A region: the union of the convex hulls of `hulls` (one hull per group), dilated."""
-  hulls: tuple          # group names of GROUPS, one convex hull each
-  dilation: float       # in pixels of the image
+
+  hulls: tuple  # group names of GROUPS, one convex hull each
+  dilation: float  # in pixels of the image
   outside: bool = False  # the region is the complement of the hulls (background)
 
 
 REGIONS = {
-    "eyes": Region(("left_eye", "right_eye"), 1.5),
-    "mouth": Region(("lips",), 1.0),
-    "nose": Region(("nose",), 0.5),
-    "background": Region(("face_oval",), 0.0, outside=True),
+  "eyes": Region(("left_eye", "right_eye"), 1.5),
+  "mouth": Region(("lips",), 1.0),
+  "nose": Region(("nose",), 0.5),
+  "background": Region(("face_oval",), 0.0, outside=True),
 }
 
 
@@ -90,12 +192,12 @@ class MediaPipeUnavailable(RuntimeError):
 
 
 class Landmarks(NamedTuple):
-  points: np.ndarray    # [n, 468, 2] float32 (x, y) in pixels of the images; NaN if undetected
+  points: np.ndarray  # [n, 468, 2] float32 (x, y) in pixels of the images; NaN if undetected
   detected: np.ndarray  # [n] bool
 
 
 class Regions(NamedTuple):
-  masks: dict           # region name -> [n, H, W] bool (empty where undetected)
+  masks: dict  # region name -> [n, H, W] bool (empty where undetected)
   detected: np.ndarray  # [n] bool
 
 
@@ -135,14 +237,14 @@ def _inside(xs, ys, hull) -> np.ndarray:
   is one interval, O(rows x edges) work.
   """
   start = hull
-  edge = np.roll(hull, -1, axis=0) - start                             # [k, 2]
+  edge = np.roll(hull, -1, axis=0) - start  # [k, 2]
   ex, ey = edge[:, 0], edge[:, 1]
-  dy = ys[:, None] - start[None, :, 1]                                 # [rows, k]
+  dy = ys[:, None] - start[None, :, 1]  # [rows, k]
   # Inside: ex * dy - ey * (x - sx) >= 0, i.e. x <= bound for ey > 0, x >= bound for ey < 0.
   bound = start[None, :, 0] + ex * dy / np.where(ey != 0, ey, 1)
   hi = np.min(np.where(ey > 0, bound, np.inf), axis=1)
   lo = np.max(np.where(ey < 0, bound, -np.inf), axis=1)
-  flat_ok = np.all((ey != 0) | (ex * dy >= 0), axis=1)                 # horizontal edges
+  flat_ok = np.all((ey != 0) | (ex * dy >= 0), axis=1)  # horizontal edges
   return flat_ok[:, None] & (xs[None, :] >= lo[:, None]) & (xs[None, :] <= hi[:, None])
 
 
@@ -150,9 +252,9 @@ def _near(query, hull, dilation: float) -> np.ndarray:
   """`[m]` bool: the points `query [m, 2]` within `dilation` of the boundary of `hull`."""
   start = hull
   edge = (np.roll(hull, -1, axis=0) if len(hull) > 1 else hull) - start  # [k, 2]
-  rel_x = query[:, 0:1] - start[None, :, 0]                           # [m, k]
+  rel_x = query[:, 0:1] - start[None, :, 0]  # [m, k]
   rel_y = query[:, 1:2] - start[None, :, 1]
-  length2 = np.sum(edge**2, axis=1)                                   # [k]
+  length2 = np.sum(edge**2, axis=1)  # [k]
   t = np.clip((rel_x * edge[:, 0] + rel_y * edge[:, 1]) / np.where(length2 > 0, length2, 1), 0, 1)
   dist2 = np.min((rel_x - t * edge[:, 0]) ** 2 + (rel_y - t * edge[:, 1]) ** 2, axis=1)
   return dist2 <= dilation**2
@@ -176,10 +278,9 @@ def hull_mask(points, size, dilation: float = 0.0, supersample: int = 4) -> np.n
   x0, y0 = max(lo[0], 0), max(lo[1], 0)
   x1, y1 = min(hi[0], big_w * supersample), min(hi[1], big_h * supersample)
   if x1 > x0 and y1 > y0:
-    xs = (np.arange(x0, x1) + 0.5) / supersample   # sub-pixel centres
+    xs = (np.arange(x0, x1) + 0.5) / supersample  # sub-pixel centres
     ys = (np.arange(y0, y1) + 0.5) / supersample
-    inside = (_inside(xs, ys, hull) if len(hull) >= 3
-              else np.zeros((len(ys), len(xs)), bool))
+    inside = _inside(xs, ys, hull) if len(hull) >= 3 else np.zeros((len(ys), len(xs)), bool)
     if dilation > 0:
       rows, cols = np.nonzero(~inside)
       inside[rows, cols] = _near(np.stack([xs[cols], ys[rows]], axis=1), hull, dilation)
@@ -188,8 +289,9 @@ def hull_mask(points, size, dilation: float = 0.0, supersample: int = 4) -> np.n
   return fraction >= 0.5
 
 
-def region_masks(points, detected, size, *, regions: Optional[dict] = None,
-                 supersample: int = 4) -> dict:
+def region_masks(
+  points, detected, size, *, regions: Optional[dict] = None, supersample: int = 4
+) -> dict:
   """Region masks from landmarks: `{name: [n, H, W] bool}` (module docstring).
 
   Args:
@@ -232,16 +334,26 @@ def venv_python(venv: str) -> str:
 
 def _clean_env() -> dict:
   """The environment of the subprocesses: none of the project venv's Python settings."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
-  env.setdefault("GLOG_minloglevel", "2")   # MediaPipe's C++ logging
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")
+  }
+  env.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logging
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   return env
 
 
 def _run(cmd: Sequence[str], timeout: Optional[float] = None) -> subprocess.CompletedProcess:
-  return subprocess.run(list(cmd), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                        env=_clean_env(), timeout=timeout, check=False)
+  return subprocess.run(
+    list(cmd),
+    stdin=subprocess.DEVNULL,
+    capture_output=True,
+    text=True,
+    env=_clean_env(),
+    timeout=timeout,
+    check=False,
+  )
 
 
 def _tail(text: str, lines: int = 15) -> str:
@@ -254,14 +366,21 @@ def _lock(path: str):
   with open(path, "w") as handle:
     try:
       import fcntl  # pylint: disable=import-outside-toplevel
+
       fcntl.flock(handle, fcntl.LOCK_EX)
     except ImportError:  # Not POSIX: no locking.
       pass
     yield
 
 
-def ensure_venv(venv: str, *, requirement: str = REQUIREMENT, base_python: Optional[str] = None,
-                pip_args: Sequence[str] = (), timeout: Optional[float] = 1800) -> str:
+def ensure_venv(
+  venv: str,
+  *,
+  requirement: str = REQUIREMENT,
+  base_python: Optional[str] = None,
+  pip_args: Sequence[str] = (),
+  timeout: Optional[float] = 1800,
+) -> str:
   """Creates (once) a virtual environment with `requirement`; returns its Python.
 
   `base_python -m venv VENV`, then `VENV/bin/python -m pip install
@@ -282,10 +401,11 @@ def ensure_venv(venv: str, *, requirement: str = REQUIREMENT, base_python: Optio
   with _lock(venv + ".lock"):
     if os.path.isfile(marker):  # Made by another process while we waited.
       return python
-    steps = [[base_python, "-m", "venv", venv],
-             [python, "-m", "pip", "install", "--disable-pip-version-check", *pip_args,
-              requirement],
-             [python, "-I", "-c", f"import {module}"]]
+    steps = [
+      [base_python, "-m", "venv", venv],
+      [python, "-m", "pip", "install", "--disable-pip-version-check", *pip_args, requirement],
+      [python, "-I", "-c", f"import {module}"],
+    ]
     for cmd in steps:
       if cmd[0] == python and not os.path.exists(python):
         break
@@ -295,18 +415,20 @@ def ensure_venv(venv: str, *, requirement: str = REQUIREMENT, base_python: Optio
         result = subprocess.CompletedProcess(cmd, -1, "", str(err))
       if result.returncode != 0:
         raise MediaPipeUnavailable(
-            f"could not make the MediaPipe environment {venv}: `{' '.join(cmd)}` failed "
-            f"(exit {result.returncode}):\n{_tail(result.stdout + result.stderr)}\n"
-            f"mediapipe {MEDIAPIPE_VERSION} has wheels for CPython 3.8-3.12 on Linux, macOS "
-            f"and Windows; point {PYTHON_ENV} at a Python that has it, or {VENV_ENV} at "
-            "another place for the environment")
+          f"could not make the MediaPipe environment {venv}: `{' '.join(cmd)}` failed "
+          f"(exit {result.returncode}):\n{_tail(result.stdout + result.stderr)}\n"
+          f"mediapipe {MEDIAPIPE_VERSION} has wheels for CPython 3.8-3.12 on Linux, macOS "
+          f"and Windows; point {PYTHON_ENV} at a Python that has it, or {VENV_ENV} at "
+          "another place for the environment"
+        )
     with open(marker, "w") as f:
       f.write(requirement + "\n")
   return python
 
 
-def mediapipe_python(python: Optional[str] = None, venv: Optional[str] = None, *,
-                     create: bool = True) -> str:
+def mediapipe_python(
+  python: Optional[str] = None, venv: Optional[str] = None, *, create: bool = True
+) -> str:
   """The Python that runs the worker (module docstring: the order of the sources).
 
   Raises:
@@ -322,20 +444,13 @@ def mediapipe_python(python: Optional[str] = None, venv: Optional[str] = None, *
     return venv_python(venv)
   if not create:
     raise MediaPipeUnavailable(
-        f"no MediaPipe environment at {venv} (and creation is off): set {PYTHON_ENV} to a "
-        f"Python with {REQUIREMENT}, or allow the creation (`create=True`)")
+      f"no MediaPipe environment at {venv} (and creation is off): set {PYTHON_ENV} to a "
+      f"Python with {REQUIREMENT}, or allow the creation (`create=True`)"
+    )
   return ensure_venv(venv)
 
 
 # ----------------------------------------------------------------------------- detection
-
-
-def to_uint8(images) -> np.ndarray:
-  """Images `[n, H, W, 3]` in [-1, 1] (the generators' range) as uint8 (rounded)."""
-  images = np.asarray(images)
-  if images.dtype == np.uint8:
-    return images
-  return np.clip(np.round((images.astype(np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def cache_key(images_u8, upscale: int, min_confidence: float) -> str:
@@ -346,10 +461,18 @@ def cache_key(images_u8, upscale: int, min_confidence: float) -> str:
   return digest.hexdigest()[:20]
 
 
-def detect(images, *, python: Optional[str] = None, venv: Optional[str] = None,
-           create: bool = True, worker: Optional[str] = None, upscale: int = 4,
-           min_confidence: float = 0.3, cache_dir: Optional[str] = None,
-           timeout: Optional[float] = None) -> Landmarks:
+def detect(
+  images,
+  *,
+  python: Optional[str] = None,
+  venv: Optional[str] = None,
+  create: bool = True,
+  worker: Optional[str] = None,
+  upscale: int = 4,
+  min_confidence: float = 0.3,
+  cache_dir: Optional[str] = None,
+  timeout: Optional[float] = None,
+) -> Landmarks:
   """MediaPipe's face-mesh landmarks of `images`, in a subprocess.
 
   Args:
@@ -370,7 +493,7 @@ def detect(images, *, python: Optional[str] = None, venv: Optional[str] = None,
     MediaPipeUnavailable (no MediaPipe), RuntimeError (the worker failed or
     answered something else than landmarks of MediaPipe's mesh).
   """
-  images = to_uint8(images)
+  images = viz.to_uint8(images)
   if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] < 1:
     raise ValueError(f"images must be [n >= 1, H, W, 3], got shape {images.shape}")
   if not (isinstance(upscale, (int, np.integer)) and upscale >= 1):
@@ -386,19 +509,22 @@ def detect(images, *, python: Optional[str] = None, venv: Optional[str] = None,
   worker = worker or WORKER
   with tempfile.TemporaryDirectory(prefix="panda_mediapipe_") as tmp:
     src, dst = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
-    np.savez(src, images=images, upscale=np.int64(upscale),
-             min_confidence=np.float64(min_confidence))
+    np.savez(
+      src, images=images, upscale=np.int64(upscale), min_confidence=np.float64(min_confidence)
+    )
     try:
       result = _run([python, "-I", worker, src, dst], timeout)
     except subprocess.TimeoutExpired:
       raise RuntimeError(f"the MediaPipe worker ran past {timeout} s") from None
     if result.returncode != 0 or not os.path.isfile(dst):
-      raise RuntimeError(f"the MediaPipe worker `{python} {worker}` failed (exit "
-                         f"{result.returncode}):\n{_tail(result.stderr + result.stdout)}")
+      raise RuntimeError(
+        f"the MediaPipe worker `{python} {worker}` failed (exit "
+        f"{result.returncode}):\n{_tail(result.stderr + result.stdout)}"
+      )
     with np.load(dst) as data:
       answer = {k: data[k] for k in data.files}
   points, detected = _check_answer(answer, n)
-  points = points * np.array([big_w, big_h], np.float32)       # fractions -> pixels
+  points = points * np.array([big_w, big_h], np.float32)  # fractions -> pixels
   if cached:
     os.makedirs(cache_dir, exist_ok=True)
     np.savez(cached + ".tmp.npz", points=points, detected=detected)
@@ -413,25 +539,31 @@ def _check_answer(answer: dict, n: int):
   points = np.asarray(answer["points"], np.float32)
   detected = np.asarray(answer["detected"], bool)
   if points.shape != (n, NUM_LANDMARKS, 2) or detected.shape != (n,):
-    raise RuntimeError(f"the MediaPipe worker answered points {points.shape} and detected "
-                       f"{detected.shape} for {n} images")
+    raise RuntimeError(
+      f"the MediaPipe worker answered points {points.shape} and detected "
+      f"{detected.shape} for {n} images"
+    )
   for group, indices in GROUPS.items():
     theirs = answer.get(f"group_{group}")
     if theirs is not None and tuple(np.asarray(theirs).tolist()) != indices:
-      raise RuntimeError(f"MediaPipe's landmark group {group} differs from the one the masks "
-                         f"assume (mediapipe {answer.get('version')}; expected "
-                         f"{MEDIAPIPE_VERSION})")
+      raise RuntimeError(
+        f"MediaPipe's landmark group {group} differs from the one the masks "
+        f"assume (mediapipe {answer.get('version')}; expected "
+        f"{MEDIAPIPE_VERSION})"
+      )
   if not np.isfinite(points[detected]).all():
     raise RuntimeError("the MediaPipe worker returned non-finite landmarks for a detected face")
   return points, detected
 
 
-def face_regions(images, *, size: Optional[Sequence[int]] = None, supersample: int = 4,
-                 **detect_options) -> Regions:
+def face_regions(
+  images, *, size: Optional[Sequence[int]] = None, supersample: int = 4, **detect_options
+) -> Regions:
   """`detect` then `region_masks` at the images' size (or `size`)."""
   marks = detect(images, **detect_options)
   size = tuple(np.shape(images)[1:3]) if size is None else tuple(size)
   scale = np.array([size[1] / np.shape(images)[2], size[0] / np.shape(images)[1]])
   points = np.where(marks.detected[:, None, None], marks.points * scale, 0.0)
-  return Regions(region_masks(points, marks.detected, size, supersample=supersample),
-                 marks.detected)
+  return Regions(
+    region_masks(points, marks.detected, size, supersample=supersample), marks.detected
+  )

@@ -41,6 +41,7 @@ samples is completed by `psum` over that axis (`sum_samples`), so the same
 functions run on one shard of the batch per device inside a caller's `pmap` or
 `shard_map`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,12 +50,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from panda_jax import _checks
+from panda_jax import checks
 
 
 def unfold(features) -> jax.Array:
   """`[n, s, c]` or `[n, h, w, c]` features -> `[n, c, s]` mode-3 unfoldings."""
-  z, _ = _checks.flatten_features(features)
+  z, _ = checks.flatten_features(features)
   return jnp.swapaxes(z, 1, 2)
 
 
@@ -66,6 +67,7 @@ class Unfolded(NamedTuple):
   `Z P` product, and XLA does not hoist it out of a loop), so a loop of steps
   over one batch should transpose it once: `batch = unfolded(features)`.
   """
+
   z: jax.Array
 
 
@@ -86,7 +88,7 @@ def sum_samples(x, axis_name=None):
 
 def check_batch(z: jax.Array, appearances, parts=None) -> None:
   """Shapes of `z` `[n, c, s]` against `A` `[c, r_c]` and `P` `[s, r_s]` (static: works under jit)."""
-  _checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
+  checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
 
 
 def orthogonality_error(appearances) -> float:
@@ -149,8 +151,11 @@ def loss_change(lam, decoded, d_lam, d_decoded, gram_p, d_gram_p=None) -> jax.Ar
   only accurate to eps ||Z||^2). Shapes: `lam`, `d_lam` `[n, r_c, r_s]`;
   `decoded`, `d_decoded` `[n, c, r_s]`; `gram_p`, `d_gram_p` `[r_s, r_s]`.
   """
-  change = (-2.0 * (2.0 * jnp.vdot(lam, d_lam) + jnp.vdot(d_lam, d_lam))
-            + 2.0 * jnp.vdot(d_decoded, decoded @ gram_p) + jnp.vdot(d_decoded, d_decoded @ gram_p))
+  change = (
+    -2.0 * (2.0 * jnp.vdot(lam, d_lam) + jnp.vdot(d_lam, d_lam))
+    + 2.0 * jnp.vdot(d_decoded, decoded @ gram_p)
+    + jnp.vdot(d_decoded, d_decoded @ gram_p)
+  )
   if d_gram_p is not None:
     new = decoded + d_decoded
     change = change + jnp.vdot(new, new @ d_gram_p)
@@ -191,8 +196,8 @@ def parts_gradient(z, zp, appearances, parts) -> jax.Array:
 
   `dP = 2 [P sum_i B_i^T B_i + sum_i Z_i^T D_i]`, `D_i = A (A^T B_i) G_P - 2 B_i`.
   """
-  decoded = decode(coefficients(zp, appearances), appearances)          # [n, c, r_s]
-  outer = jnp.einsum("ncq,ncu->qu", decoded, decoded)                    # [r_s, r_s]
+  decoded = decode(coefficients(zp, appearances), appearances)  # [n, c, r_s]
+  outer = jnp.einsum("ncq,ncu->qu", decoded, decoded)  # [r_s, r_s]
   d = decode(coefficients(decoded, appearances), appearances) @ (parts.T @ parts) - 2.0 * decoded
   # sum_i Z_i^T D_i as a batched [r_s, c] x [c, s] product, then a sum over n.
   ztd = jnp.einsum("ncs,nrc->nrs", z, jnp.swapaxes(d, 1, 2)).sum(0).T
@@ -207,10 +212,12 @@ def appearances_gradient(zp, appearances, parts) -> jax.Array:
   gram_p = parts.T @ parts
   lam = coefficients(zp, appearances)
   decoded = decode(lam, appearances)
-  back = coefficients(decoded, appearances)                              # A^T B_i = G_A Lambda_i
-  return 2.0 * (jnp.einsum("ncq,nrq->cr", decoded @ gram_p, lam)
-                + jnp.einsum("ncq,nrq->cr", zp @ gram_p, back)
-                - 2.0 * jnp.einsum("ncq,nrq->cr", zp, lam))
+  back = coefficients(decoded, appearances)  # A^T B_i = G_A Lambda_i
+  return 2.0 * (
+    jnp.einsum("ncq,nrq->cr", decoded @ gram_p, lam)
+    + jnp.einsum("ncq,nrq->cr", zp @ gram_p, back)
+    - 2.0 * jnp.einsum("ncq,nrq->cr", zp, lam)
+  )
 
 
 def gradients(features, appearances, parts, *, axis_name=None):
@@ -226,5 +233,7 @@ def gradients(features, appearances, parts, *, axis_name=None):
 @functools.partial(jax.jit, static_argnames=("axis_name",))
 def _gradients(z, appearances, parts, axis_name):
   zp = project_parts(z, parts)
-  return (sum_samples(appearances_gradient(zp, appearances, parts), axis_name),
-          sum_samples(parts_gradient(z, zp, appearances, parts), axis_name))
+  return (
+    sum_samples(appearances_gradient(zp, appearances, parts), axis_name),
+    sum_samples(parts_gradient(z, zp, appearances, parts), axis_name),
+  )

@@ -12,10 +12,12 @@ become one label per pixel by rescaling each part to its own peak
 (`relative_parts`), upsampling them to the image size and taking the argmax
 over parts, as in the paper's figures.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -60,16 +62,18 @@ def _batched_parts(parts, grid):
   if parts.ndim == 2:
     parts = parts[None]
   if parts.ndim != 3 or parts.shape[1] != h * w:
-    raise ValueError(f"parts must be [s={h * w}, r_s] or [n, s={h * w}, r_s], got shape "
-                     f"{tuple(parts.shape)}")
+    raise ValueError(
+      f"parts must be [s={h * w}, r_s] or [n, s={h * w}, r_s], got shape {tuple(parts.shape)}"
+    )
   return parts
 
 
 def _upsampled(parts, grid, size, method):
   """`[n, s, r_s]` on the grid `(h, w)` -> `[n, H, W, r_s]` by `jax.image.resize`."""
   n, _, r_s = parts.shape
-  return jax.image.resize(jnp.reshape(parts, (n,) + tuple(grid) + (r_s,)),
-                          (n,) + tuple(size) + (r_s,), method=method)
+  return jax.image.resize(
+    jnp.reshape(parts, (n,) + tuple(grid) + (r_s,)), (n,) + tuple(size) + (r_s,), method=method
+  )
 
 
 def iou_matrix(masks, labels, num_labels: int):
@@ -89,13 +93,18 @@ def iou_matrix(masks, labels, num_labels: int):
     raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
   if masks.ndim == 3:
     masks = masks[None]
-  if masks.ndim != 4 or masks.shape[1:3] != labels.shape[1:] or masks.shape[0] not in (
-      1, labels.shape[0]):
-    raise ValueError(f"masks must be [n, H, W, k] matching labels {tuple(labels.shape)}, got "
-                     f"shape {tuple(masks.shape)}")
+  if (
+    masks.ndim != 4
+    or masks.shape[1:3] != labels.shape[1:]
+    or masks.shape[0] not in (1, labels.shape[0])
+  ):
+    raise ValueError(
+      f"masks must be [n, H, W, k] matching labels {tuple(labels.shape)}, got "
+      f"shape {tuple(masks.shape)}"
+    )
   masks = jnp.broadcast_to(masks, labels.shape + masks.shape[-1:]).astype(jnp.float32)
-  truth = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)           # [n, H, W, L]
-  inter = jnp.einsum("nhwl,nhwk->lk", truth, masks, precision=_HIGHEST)   # [L, k]
+  truth = jax.nn.one_hot(labels, num_labels, dtype=jnp.float32)  # [n, H, W, L]
+  inter = jnp.einsum("nhwl,nhwk->lk", truth, masks, precision=_HIGHEST)  # [L, k]
   union = jnp.sum(truth, axis=(0, 1, 2))[:, None] + jnp.sum(masks, axis=(0, 1, 2))[None] - inter
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0.0)
 
@@ -117,10 +126,62 @@ def best_part_iou(parts, labels, num_labels: int, grid, method: str = "bilinear"
   if labels.ndim != 3:
     raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
   r_s = parts.shape[-1]
-  assigned = part_label_maps(parts, grid, labels.shape[1:], method)     # [n or 1, H, W]
+  assigned = part_label_maps(parts, grid, labels.shape[1:], method)  # [n or 1, H, W]
   iou = iou_matrix(jax.nn.one_hot(assigned, r_s, dtype=jnp.bool_), labels, num_labels)
   return jnp.max(iou, axis=1), jnp.argmax(iou, axis=1).astype(jnp.int32), iou
 
+
+def matched_iou(masks, labels, num_labels: int, *, per_sample: bool = False) -> np.ndarray:
+  """IoU of each label l with its own mask `masks[..., l]` (the diagonal of `iou_matrix`).
+
+  Counted exactly (int64 pixel counts, float64 ratios; NumPy, not traced), so
+  that reported IoUs do not depend on float32 rounding.
+
+  Args:
+    masks: boolean `[n, H, W, L]` (or `[H, W, L]`, shared by all samples), mask l
+      standing for label l.
+    labels: int `[n, H, W]`.
+    num_labels: L.
+    per_sample: pooled over the samples (`[L]`, as `iou_matrix`) or one IoU per
+      sample (`[n, L]`, as `region_ious`).
+
+  Returns:
+    float64 `[L]` or `[n, L]`; 0 where a label and its mask are both empty.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 3:
+    raise ValueError(f"labels must be [n, H, W], got shape {labels.shape}")
+  masks = np.broadcast_to(np.asarray(masks, bool), labels.shape + (num_labels,))
+  truth = labels[..., None] == np.arange(num_labels)  # [n, H, W, L]
+  axes = (1, 2) if per_sample else (0, 1, 2)
+  inter = np.sum(masks & truth, axis=axes)
+  union = np.sum(masks | truth, axis=axes)
+  return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+
+
+def part_regions(parts, labels, label_names, grid, part):
+  """The ground-truth regions a part (index or list of indices) stands for.
+
+  A label belongs to part k when k is its best-matching part by IoU
+  (`best_part_iou`); a part that is no label's best match stands for the label
+  it overlaps most.
+
+  Args:
+    parts: `[s, r_s]` or `[n, s, r_s]` on the grid `(h, w)`.
+    labels: int `[n, H, W]`; label_names: one name per label.
+    grid: `(h, w)`.
+    part: an index or a list of indices (their union).
+
+  Returns:
+    `(masks [n, H, W] float32, names of the labels)`.
+  """
+  _, match, iou = best_part_iou(parts, labels, len(label_names), grid)
+  match, iou = np.asarray(match), np.asarray(iou)
+  chosen = set()
+  for k in [part] if isinstance(part, (int, np.integer)) else part:
+    chosen |= set(np.flatnonzero(match == k).tolist()) or {int(np.argmax(iou[:, k]))}
+  chosen = sorted(chosen)
+  return (np.isin(labels, chosen).astype(np.float32), [label_names[l] for l in chosen])
 
 
 def fixed_region_bound(labels, num_labels: int):
@@ -145,7 +206,7 @@ def fixed_region_bound(labels, num_labels: int):
     raise ValueError(f"labels must be [n, H, W], got shape {tuple(labels.shape)}")
   freq = jnp.mean(jax.nn.one_hot(labels, num_labels, dtype=jnp.float32), axis=0)  # [H, W, L]
   freq = jnp.reshape(freq, (-1, num_labels))
-  covered = jnp.cumsum(-jnp.sort(-freq, axis=0), axis=0)                          # [HW, L]
+  covered = jnp.cumsum(-jnp.sort(-freq, axis=0), axis=0)  # [HW, L]
   size = jnp.arange(1, freq.shape[0] + 1, dtype=jnp.float32)[:, None]
   iou = covered / (jnp.sum(freq, axis=0) + size - covered)
   return jnp.max(iou, axis=0)
@@ -169,7 +230,7 @@ def threshold_part_masks(parts, grid, size, threshold: float = 0.5):
   is `>= threshold`. A part with no positive value is empty.
   """
   parts = _batched_parts(jnp.asarray(parts, jnp.float32), grid)
-  fields = _upsampled(parts, grid, size, "bilinear")                    # [n, H, W, r_s]
+  fields = _upsampled(parts, grid, size, "bilinear")  # [n, H, W, r_s]
   peak = jnp.max(fields, axis=(1, 2), keepdims=True)
   return (fields >= threshold * peak) & (peak > 0)
 
@@ -188,19 +249,25 @@ def region_ious(part_masks, regions):
   part_masks = jnp.asarray(part_masks)
   if regions.ndim != 4:
     raise ValueError(f"regions must be [n, H, W, L], got shape {tuple(regions.shape)}")
-  if (part_masks.ndim != 4 or part_masks.shape[1:3] != regions.shape[1:3]
-      or part_masks.shape[0] not in (1, regions.shape[0])):
-    raise ValueError(f"part masks must be [n or 1, H, W, k] matching regions "
-                     f"{tuple(regions.shape)}, got shape {tuple(part_masks.shape)}")
+  if (
+    part_masks.ndim != 4
+    or part_masks.shape[1:3] != regions.shape[1:3]
+    or part_masks.shape[0] not in (1, regions.shape[0])
+  ):
+    raise ValueError(
+      f"part masks must be [n or 1, H, W, k] matching regions "
+      f"{tuple(regions.shape)}, got shape {tuple(part_masks.shape)}"
+    )
   r = regions.astype(jnp.float32)
   m = jnp.broadcast_to(part_masks, regions.shape[:3] + part_masks.shape[-1:]).astype(jnp.float32)
-  inter = jnp.einsum("nhwl,nhwk->nlk", r, m, precision=_HIGHEST)       # [n, L, k], exact counts
+  inter = jnp.einsum("nhwl,nhwk->nlk", r, m, precision=_HIGHEST)  # [n, L, k], exact counts
   union = jnp.sum(r, axis=(1, 2))[:, :, None] + jnp.sum(m, axis=(1, 2))[:, None, :] - inter
   return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0.0)
 
 
-def best_region_part_iou(parts, regions, grid, *, detected=None, threshold: float = 0.5,
-                         match: str = "global"):
+def best_region_part_iou(
+  parts, regions, grid, *, detected=None, threshold: float = 0.5, match: str = "global"
+):
   """Best-part IoU of each region (issue 17's metric for a real GAN with landmark regions).
 
   Each part becomes a binary mask (`threshold_part_masks`); the IoU of region
@@ -247,5 +314,5 @@ def best_region_part_iou(parts, regions, grid, *, detected=None, threshold: floa
     best = jnp.einsum("n,nl->l", weights, jnp.max(ious, axis=2), precision=_HIGHEST)
     which = jnp.where(keep[:, None], jnp.argmax(ious, axis=2), -1).astype(jnp.int32)
     return best, which, ious
-  mean = jnp.einsum("n,nlk->lk", weights, ious, precision=_HIGHEST)     # [L, r_s]
+  mean = jnp.einsum("n,nlk->lk", weights, ious, precision=_HIGHEST)  # [L, r_s]
   return jnp.max(mean, axis=1), jnp.argmax(mean, axis=1).astype(jnp.int32), ious

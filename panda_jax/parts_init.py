@@ -13,6 +13,7 @@
   quartic objective (matched IoU about 0.75 on planted parts); this start sits
   in the basin of the planted solution.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -36,13 +37,14 @@ def uniform(key, num_positions: int, rank_s: int, scale: float = 0.01) -> jax.Ar
 
 def apply_affinity(z, appearances, q, reduce: Reduce = _no_reduce) -> jax.Array:
   """`W q = sum_i Z_i^T A A^T Z_i q` for `q` `[s, k]`, without forming `W` `[s, s]`."""
-  zq = objective.project_parts(z, q)                                   # [n, c, k]
-  back = jnp.einsum("cr,dr,ndk->nck", appearances, appearances, zq)    # A A^T Z_i q
+  zq = objective.project_parts(z, q)  # [n, c, k]
+  back = jnp.einsum("cr,dr,ndk->nck", appearances, appearances, zq)  # A A^T Z_i q
   return reduce(jnp.einsum("ncs,nkc->nks", z, jnp.swapaxes(back, 1, 2)).sum(0).T)
 
 
-def position_embedding(z, appearances, dim: int, key, iterations: int = 12,
-                       reduce: Reduce = _no_reduce) -> jax.Array:
+def position_embedding(
+  z, appearances, dim: int, key, iterations: int = 12, reduce: Reduce = _no_reduce
+) -> jax.Array:
   """Rows of `Q diag(sqrt(eig))` for the top-`dim` eigenpairs of `W`: `[s, dim]`.
 
   Inner products of the rows approximate `W`, so Euclidean k-means on them
@@ -63,8 +65,7 @@ def position_embedding(z, appearances, dim: int, key, iterations: int = 12,
 
 def _sq_distances(points, centres):
   """`[s, k]` squared Euclidean distances."""
-  return (jnp.sum(points**2, 1)[:, None] - 2.0 * points @ centres.T
-          + jnp.sum(centres**2, 1)[None, :])
+  return jnp.sum(points**2, 1)[:, None] - 2.0 * points @ centres.T + jnp.sum(centres**2, 1)[None, :]
 
 
 def _kmeans_pp(key, points, k: int, weights=None):
@@ -118,8 +119,17 @@ def _lloyd(points, centres, iterations: int, *, weights=None, reduce: Reduce = _
   return jnp.argmin(dist, 1), reduce(jnp.sum(jnp.min(dist, 1) * weights))
 
 
-def kmeans(key, z, appearances, rank_s: int, *, restarts: int = 8, iterations: int = 30,
-           embed_dim: int | None = None, reduce: Reduce = _no_reduce) -> jax.Array:
+def kmeans(
+  key,
+  z,
+  appearances,
+  rank_s: int,
+  *,
+  restarts: int = 8,
+  iterations: int = 30,
+  embed_dim: int | None = None,
+  reduce: Reduce = _no_reduce,
+) -> jax.Array:
   """k-means++ start in the appearance basis (Section 4.1): `[s, r_s]`, orthonormal columns.
 
   Args:
@@ -146,9 +156,17 @@ def kmeans(key, z, appearances, rank_s: int, *, restarts: int = 8, iterations: i
   return indicator / jnp.sqrt(jnp.maximum(indicator.sum(0), 1.0))
 
 
-def fibres(key, z, rank_s: int, *, restarts: int = 4, iterations: int = 30,
-           seed_points: int = 8192, reduce: Reduce = _no_reduce,
-           gather: Reduce = _no_reduce) -> jax.Array:
+def fibres(
+  key,
+  z,
+  rank_s: int,
+  *,
+  restarts: int = 4,
+  iterations: int = 30,
+  seed_points: int = 8192,
+  reduce: Reduce = _no_reduce,
+  gather: Reduce = _no_reduce,
+) -> jax.Array:
   """Where each kind of channel fibre lives: `[s, r_s]`, unit-norm columns.
 
   Every channel fibre `z_i[:, x]` of every sample is a point in `R^c`; k-means
@@ -172,8 +190,8 @@ def fibres(key, z, rank_s: int, *, restarts: int = 4, iterations: int = 30,
     gather: concatenation over shards along axis 0 (identity on one device).
   """
   n, c, s = z.shape
-  points = jnp.swapaxes(z, 1, 2).reshape(n * s, c)                    # [n s, c] fibres.
-  valid = jnp.any(z != 0, axis=(1, 2)).astype(z.dtype)                 # [n]: not padding.
+  points = jnp.swapaxes(z, 1, 2).reshape(n * s, c)  # [n s, c] fibres.
+  valid = jnp.any(z != 0, axis=(1, 2)).astype(z.dtype)  # [n]: not padding.
   weights = jnp.repeat(valid, s)
   stride = max(1, (n * s) // seed_points)
   seeds = gather(points[::stride])

@@ -17,6 +17,7 @@ random-walks on it (which would make runs that differ only in summation order,
 e.g. on 1 and 4 devices, drift apart). A step that finds no such `t` within
 `max_tries` leaves `x` unchanged (and the loss with it).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -28,15 +29,23 @@ import optax
 
 class LineSearch(NamedTuple):
   """Backtracking constants (static)."""
+
   grow: float = 1.25
   shrink: float = 0.5
   max_tries: int = 30
 
 
-def backtracking_step(objective: Callable[[jax.Array], tuple[jax.Array, Any]],
-                      x: jax.Array, value: jax.Array, aux: Any, grad: jax.Array,
-                      step_size: jax.Array, project: Callable[[jax.Array], jax.Array],
-                      search: LineSearch = LineSearch(), slack=0.0):
+def backtracking_step(
+  objective: Callable[[jax.Array], tuple[jax.Array, Any]],
+  x: jax.Array,
+  value: jax.Array,
+  aux: Any,
+  grad: jax.Array,
+  step_size: jax.Array,
+  project: Callable[[jax.Array], jax.Array],
+  search: LineSearch = LineSearch(),
+  slack=0.0,
+):
   """One projected gradient step `x+ = project(x - t g)` with backtracking on `t`.
 
   Args:
@@ -71,7 +80,8 @@ def backtracking_step(objective: Callable[[jax.Array], tuple[jax.Array, Any]],
 
   t0 = step_size * search.grow
   t, candidate, new_value, new_aux, accepted, _, _ = jax.lax.while_loop(
-      cond, body, (t0, *trial(t0), jnp.int32(1)))
+    cond, body, (t0, *trial(t0), jnp.int32(1))
+  )
   keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, old)
   return keep(candidate, x), keep(new_value, value), keep(new_aux, aux), t
 

@@ -13,10 +13,11 @@ own error (u = 2^-53) is below 1e-9 of these bounds and is not counted. Where th
 jitted code requests `Precision.HIGHEST` the bounds also hold on GPUs; on CPU
 every float32 product is exact float32 anyway.
 """
+
 import numpy as np
 
-U32 = 2.0 ** -24  # float32 unit roundoff
-U64 = 2.0 ** -53  # float64 unit roundoff
+U32 = 2.0**-24  # float32 unit roundoff
+U64 = 2.0**-53  # float64 unit roundoff
 
 
 def gamma(n, u=U32):
@@ -39,5 +40,6 @@ def assert_within(actual, expected, bound, what=""):
   err = np.abs(actual - expected)
   worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.size else ()
   assert np.all(err <= bound), (
-      f"{what}: |error| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst} "
-      f"(max error / bound {np.max(err / np.maximum(bound, 1e-300)):.3g})")
+    f"{what}: |error| {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst} "
+    f"(max error / bound {np.max(err / np.maximum(bound, 1e-300)):.3g})"
+  )

@@ -4,6 +4,7 @@ the tolerance policy of the fixture tests, shared by the ProGAN and StyleGAN tes
 Tolerance policy (tests/fixtures/README.md): max |ours - reference| <= 1e-4 x
 max |reference| per array.
 """
+
 import numpy as np
 
 REL_TOL = 1e-4
@@ -21,7 +22,7 @@ def assert_close(actual, expected, rel=REL_TOL):
 
 
 def np_pixel_norm(x):
-  return x / np.sqrt(np.mean(x ** 2, axis=1, keepdims=True) + 1e-8)
+  return x / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + 1e-8)
 
 
 def np_lrelu(x):
@@ -37,8 +38,11 @@ def np_conv(x, w, pad):
   k = w.shape[-1]
   xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
   h, wd = xp.shape[2] - k + 1, xp.shape[3] - k + 1
-  return sum(np.einsum("nihw,oi->nohw", xp[:, :, a:a + h, b:b + wd], w[:, :, a, b])
-             for a in range(k) for b in range(k))
+  return sum(
+    np.einsum("nihw,oi->nohw", xp[:, :, a : a + h, b : b + wd], w[:, :, a, b])
+    for a in range(k)
+    for b in range(k)
+  )
 
 
 def np_fused_upconv(x, w):
@@ -50,8 +54,10 @@ def np_fused_upconv(x, w):
   out = np.zeros((n, w.shape[1], 2 * h + 2, 2 * wd + 2))
   for a in range(4):
     for b in range(4):
-      out[:, :, a:a + 2 * h:2, b:b + 2 * wd:2] += np.einsum("nihw,io->nohw", x, w[:, :, a, b])
-  return out[:, :, 1:1 + 2 * h, 1:1 + 2 * wd]
+      out[:, :, a : a + 2 * h : 2, b : b + 2 * wd : 2] += np.einsum(
+        "nihw,io->nohw", x, w[:, :, a, b]
+      )
+  return out[:, :, 1 : 1 + 2 * h, 1 : 1 + 2 * wd]
 
 
 def assert_fixture_outputs(gen, io, latents):
@@ -73,11 +79,11 @@ def np_upfirdn2d(x, f, up=1, down=1, padding=(0, 0, 0, 0), gain=1.0):
   u[:, :, ::up, ::up] = x
   px0, px1, py0, py1 = padding
   u = np.pad(u, ((0, 0), (0, 0), (max(py0, 0), max(py1, 0)), (max(px0, 0), max(px1, 0))))
-  u = u[:, :, max(-py0, 0):u.shape[2] - max(-py1, 0), max(-px0, 0):u.shape[3] - max(-px1, 0)]
+  u = u[:, :, max(-py0, 0) : u.shape[2] - max(-py1, 0), max(-px0, 0) : u.shape[3] - max(-px1, 0)]
   f = np.ones((1, 1)) if f is None else np.asarray(f, np.float64)
   if f.ndim == 1:  # Separable: along w, then along h, gain ** 0.5 each.
-    u = np_fir(u, f[None, :] * gain ** 0.5, (1, down))
-    return np_fir(u, f[:, None] * gain ** 0.5, (down, 1))
+    u = np_fir(u, f[None, :] * gain**0.5, (1, down))
+    return np_fir(u, f[:, None] * gain**0.5, (down, 1))
   return np_fir(u, f * gain, (down, down))
 
 
@@ -88,5 +94,5 @@ def np_fir(u, f, strides):
   out = 0
   for a in range(f.shape[0]):
     for b in range(f.shape[1]):
-      out = out + u[:, :, a:a + out_h:strides[0], b:b + out_w:strides[1]] * f[a, b]
+      out = out + u[:, :, a : a + out_h : strides[0], b : b + out_w : strides[1]] * f[a, b]
   return out

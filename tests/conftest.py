@@ -12,6 +12,7 @@ tests can build modified or malicious checkpoints from the fixtures.
 two float64 runs of one iterated computation, derived from the same run in
 float32 (one-shot formulas use the rounding bounds of tests/_bounds.py).
 """
+
 import collections
 from io import BytesIO
 import os
@@ -33,11 +34,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # Each family's fixture checkpoint, as users download it (fixtures/README.md).
 FIXTURE_CHECKPOINTS = {
-    "stylegan2": "stylegan2/network-snapshot.pkl",
-    "stylegan3": "stylegan3/network-snapshot.pkl",
-    "biggan": "biggan",  # The pytorch-pretrained-biggan folder.
-    "pggan": "pggan/pggan.pth",
-    "stylegan": "stylegan/stylegan.pth",
+  "stylegan2": "stylegan2/network-snapshot.pkl",
+  "stylegan3": "stylegan3/network-snapshot.pkl",
+  "biggan": "biggan",  # The pytorch-pretrained-biggan folder.
+  "pggan": "pggan/pggan.pth",
+  "stylegan": "stylegan/stylegan.pth",
 }
 
 
@@ -51,12 +52,24 @@ def converted(tmp_path_factory):
     if src not in runs:
       dst = tmp_path_factory.mktemp("converted") / "out"
       proc = subprocess.run(
-          [sys.executable, "-m", "converters", f"--src={os.path.join(FIXTURES, src)}",
-           f"--dst={dst}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-          check=False)
-      runs[src] = types.SimpleNamespace(dst=dst, returncode=proc.returncode,
-                                        stdout=proc.stdout, stderr=proc.stderr)
+        [
+          sys.executable,
+          "-m",
+          "converters",
+          f"--src={os.path.join(FIXTURES, src)}",
+          f"--dst={dst}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+      )
+      runs[src] = types.SimpleNamespace(
+        dst=dst, returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr
+      )
     return runs[src]
+
   return run
 
 
@@ -72,7 +85,9 @@ def fixture_generator(converted):
       assert run.returncode == 0, run.stderr
       loaded[family] = generators.load(run.dst)
     return loaded[family]
+
   return load
+
 
 _MAGIC = 0x1950A86A20F9469CFC6C
 _STORAGE_NAMES = {np.dtype(v).name: k for k, v in safe_pickle._STORAGE_DTYPES.items()}
@@ -121,16 +136,20 @@ class _Writer(pickle._Pickler):  # pylint: disable=protected-access
 
   def reducer_override(self, obj):
     if isinstance(obj, safe_pickle.Record):
-      meta = dict(type="class", version=6, module_src="# omitted",
-                  class_name=obj.class_name, state=obj.state)
+      meta = dict(
+        type="class", version=6, module_src="# omitted", class_name=obj.class_name, state=obj.state
+      )
       return Global("torch_utils.persistence", "_reconstruct_persistent_obj"), (meta,)
     if isinstance(obj, np.ndarray):
-      obj = Strided(obj.reshape(-1), 0, obj.shape,
-                    tuple(int(s) for s in np.cumprod((obj.shape + (1,))[:0:-1])[::-1]))
+      obj = Strided(
+        obj.reshape(-1),
+        0,
+        obj.shape,
+        tuple(int(s) for s in np.cumprod((obj.shape + (1,))[:0:-1])[::-1]),
+      )
     if isinstance(obj, Strided):
       st = self._storage(obj.storage)
-      args = (st, obj.offset, tuple(obj.shape), tuple(obj.stride), False,
-              collections.OrderedDict())
+      args = (st, obj.offset, tuple(obj.shape), tuple(obj.stride), False, collections.OrderedDict())
       return Global("torch._utils", "_rebuild_tensor_v2"), args
     if isinstance(obj, _Storage) and self.mode == "nvidia":
       return Global("torch.storage", "_load_from_bytes"), (legacy_bytes(obj),)
@@ -157,8 +176,11 @@ def _dumps(obj, mode, **kw):
 def legacy_bytes(obj) -> bytes:
   """A legacy `torch.save` file of `obj` (a storage, or a tree of arrays)."""
   f = BytesIO()
-  for header in (_MAGIC, 1001, dict(protocol_version=1001, little_endian=True,
-                                    type_sizes=dict(short=2, int=4, long=4))):
+  for header in (
+    _MAGIC,
+    1001,
+    dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4)),
+  ):
     pickle.dump(header, f, protocol=2)
   w = _Writer(f, "legacy")
   if isinstance(obj, _Storage):
@@ -210,8 +232,12 @@ def io(request):
 def torch_files():
   """Writers for PyTorch/NVIDIA checkpoint formats (no torch needed)."""
   return types.SimpleNamespace(
-      Global=Global, Strided=Strided, network_pickle=write_network_pickle,
-      torch_zip=write_torch_zip, torch_legacy=write_torch_legacy)
+    Global=Global,
+    Strided=Strided,
+    network_pickle=write_network_pickle,
+    torch_zip=write_torch_zip,
+    torch_legacy=write_torch_legacy,
+  )
 
 
 def assert_float64_runs_agree(actual, expected, float32, what=""):

@@ -4,6 +4,7 @@ Each case: a `ValueError` (or one `error:` line and exit 2 for the converter
 command line) that names the argument and the offending value, and no
 half-written output (a bad launcher flag is refused before `--out` is made).
 """
+
 import errno
 import os
 import re
@@ -30,11 +31,14 @@ def _with(index, value):
 
 
 def _fit(features, rank_c=3, rank_s=2, steps=2, **kw):
-  return pj.fit(features, rank_c, rank_s, steps=steps, key=jax.random.PRNGKey(0),
-                progress=False, **kw)
+  return pj.fit(
+    features, rank_c, rank_s, steps=steps, key=jax.random.PRNGKey(0), progress=False, **kw
+  )
 
 
-@pytest.mark.parametrize("call, message", [
+@pytest.mark.parametrize(
+  "call, message",
+  [
     (lambda: _fit(_with((1, 2, 3), np.nan)), r"features contains 1 non-finite value"),
     (lambda: _fit(_with((0, 0, 0), np.inf)), r"features contains 1 non-finite value"),
     (lambda: _fit(_Z, rank_c=7), r"rank_c must be an integer in \[1, c=6\], got 7"),
@@ -48,7 +52,8 @@ def _fit(features, rank_c=3, rank_s=2, steps=2, **kw):
     (lambda: pj.edit(_Z, _A, _P, 0, 9, 1.0), r"appearance must be an integer in \[0, 3\)"),
     (lambda: pj.rank(_Z, _A, 0, np.ones(15)), r"part must be \[s=16\]"),
     (lambda: pj.refine(_Z[0] * np.nan, _A, _P, steps=2), r"features contains 96 non-finite"),
-])
+  ],
+)
 def test_bad_values_name_the_argument(call, message):
   with pytest.raises(ValueError, match=message):
     call()
@@ -72,6 +77,7 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
   """ENOSPC while committing step 10: an OSError naming the step and the
   directory, step 5 intact, and a rerun (disk freed) ends as an uninterrupted run."""
   from orbax.checkpoint._src.path import atomicity  # pylint: disable=import-outside-toplevel
+
   kw = dict(steps=20, checkpoint_every=5, chunk_size=5)
   whole = _fit(_Z, checkpoint_dir=str(tmp_path / "whole"), **kw)
   original = atomicity.AtomicRenameTemporaryPath.finalize
@@ -83,8 +89,11 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", full_disk)
   ckpt = tmp_path / "ckpt"
-  with pytest.raises(OSError, match=r"checkpoint of step 10 to .*ckpt \(the previous one "
-                     r"is intact\): .*No space left on device"):
+  with pytest.raises(
+    OSError,
+    match=r"checkpoint of step 10 to .*ckpt \(the previous one "
+    r"is intact\): .*No space left on device",
+  ):
     _fit(_Z, checkpoint_dir=str(ckpt), **kw)
   assert sorted(n for n in os.listdir(ckpt) if n.isdigit()) == ["5"]
   monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", original)
@@ -94,10 +103,13 @@ def test_disk_full_during_a_checkpoint(tmp_path, monkeypatch):
   np.testing.assert_array_equal(resumed.loss_history, whole.loss_history)
 
 
-@pytest.mark.parametrize("dst_kind, reason", [
+@pytest.mark.parametrize(
+  "dst_kind, reason",
+  [
     ("file", r"destination .*afile already exists"),
     ("under_file", r"cannot write --dst=.*afile/sub: (File exists|Not a directory)"),
-])
+  ],
+)
 def test_converter_destination_errors(dst_kind, reason, tmp_path, capsys):
   sg2 = os.path.join(os.path.dirname(__file__), "fixtures", "stylegan2", "network-snapshot.pkl")
   (tmp_path / "afile").write_text("keep me")
@@ -122,19 +134,33 @@ def sg2_dir(converted):
 
 
 def _decompose(generator, out, **flags_):
-  from experiments import common, decompose  # pylint: disable=import-outside-toplevel
-  values = dict(generator=generator, out=str(out), layer=3, num_samples=4, batch_size=4,
-                rank_c=4, rank_s=3, steps=2, num_show=1)
+  from experiments import decompose  # pylint: disable=import-outside-toplevel
+  from experiments.plumbing import options  # pylint: disable=import-outside-toplevel
+
+  values = dict(
+    generator=generator,
+    out=str(out),
+    layer=3,
+    num_samples=4,
+    batch_size=4,
+    rank_c=4,
+    rank_s=3,
+    steps=2,
+    num_show=1,
+  )
   values.update(flags_)
-  return decompose.run(common.make_config(decompose.SPEC, **values))
+  return decompose.run(options.make_config(decompose.SPEC, **values))
 
 
-@pytest.mark.parametrize("flags_, message", [
+@pytest.mark.parametrize(
+  "flags_, message",
+  [
     (dict(generator="/no/such/generator"), r"unknown generator '/no/such/generator'"),
     (dict(layer=99), r"layer must be in \[1, 7\] for stylegan2, got 99"),
     (dict(rank_c=100000), r"rank_c must be an integer in \[1, c=\d+\], got 100000"),
     (dict(rank_s=10**6), r"rank_s must be an integer in \[1, s=\d+\], got 1000000"),
-])
+  ],
+)
 def test_decompose_bad_flags_write_nothing(flags_, message, sg2_dir, tmp_path):
   with pytest.raises(ValueError, match=message):
     _decompose(flags_.pop("generator", sg2_dir), tmp_path / "out", **flags_)
@@ -157,9 +183,20 @@ def test_decompose_read_only_out(sg2_dir, tmp_path):
 
 
 def test_decompose_command_line_error_is_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "experiments.decompose", "--generator=/nope",
-                         f"--out={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.decompose",
+      "--generator=/nope",
+      f"--out={tmp_path / 'out'}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 1
   assert proc.stderr.splitlines()[-1].startswith("error: unknown generator '/nope'")
   assert "Traceback" not in proc.stderr

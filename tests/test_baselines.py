@@ -1,4 +1,5 @@
 """The baselines against NumPy references of their maths, and the protocol's rules."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +17,16 @@ from panda_jax.baselines import stylespace
 @pytest.fixture(scope="module")
 def small_gen():
   """An untrained 16x16 StyleGAN2 with w_dim = 16 = every conv's input width."""
-  from experiments import toy_gan  # pylint: disable=import-outside-toplevel
-  cfg = toy_gan.GanConfig(resolution=16, z_dim=16, w_dim=16, g_channels=(16, 16, 16),
-                          d_channels=(16, 16, 16))
-  raw = toy_gan.init_generator(jax.random.PRNGKey(0), cfg)
-  params = jax.tree.map(np.asarray, toy_gan.stored_params(raw, jnp.zeros((16,)), cfg))
-  return generators.base.registered()["stylegan2"].from_converted(toy_gan.generator_config(cfg),
-                                                                 params)
+  from panda_jax.data import toyfaces_gan  # pylint: disable=import-outside-toplevel
+
+  cfg = toyfaces_gan.GanConfig(
+    resolution=16, z_dim=16, w_dim=16, g_channels=(16, 16, 16), d_channels=(16, 16, 16)
+  )
+  raw = toyfaces_gan.init_generator(jax.random.PRNGKey(0), cfg)
+  params = jax.tree.map(np.asarray, toyfaces_gan.stored_params(raw, jnp.zeros((16,)), cfg))
+  return generators.base.registered()["stylegan2"].from_converted(
+    toyfaces_gan.generator_config(cfg), params
+  )
 
 
 def _planted_codes(rng, n=4000, w_dim=6):
@@ -56,8 +60,9 @@ def test_sefa_matches_the_sum_of_normalised_outer_products():
   # Reference: sum over every style column k of k k^T / |k|^2.
   gram = sum(np.outer(col, col) / col.dot(col) for k in kernels for col in k.T)
   values, vectors = np.linalg.eigh(gram)
-  np.testing.assert_allclose(np.abs(np.sum(dirs.directions * vectors[:, ::-1][:, :3].T, axis=1)),
-                             1, atol=1e-5)
+  np.testing.assert_allclose(
+    np.abs(np.sum(dirs.directions * vectors[:, ::-1][:, :3].T, axis=1)), 1, atol=1e-5
+  )
   np.testing.assert_allclose(dirs.scales, 1)
   # The top direction maximises sum_l ||v K_l'||^2 over unit vectors.
   energy = lambda v: sum(np.sum((v @ (k / np.linalg.norm(k, axis=0))) ** 2) for k in kernels)
@@ -70,8 +75,9 @@ def test_sefa_matches_the_sum_of_normalised_outer_products():
 
 def test_sefa_reads_the_style_kernels_of_the_codes(small_gen):
   kernels = sefa.style_kernels(small_gen.params, [0, 2])
-  np.testing.assert_array_equal(kernels[1],
-                                small_gen.params["synthesis"]["convs_2"]["affine"]["kernel"])
+  np.testing.assert_array_equal(
+    kernels[1], small_gen.params["synthesis"]["convs_2"]["affine"]["kernel"]
+  )
   with pytest.raises(ValueError, match="feeds no modulated conv"):
     sefa.style_kernels(small_gen.params, [small_gen.num_ws - 1])
 
@@ -80,8 +86,9 @@ def test_shift_moves_only_the_layer_range():
   ws = jnp.asarray(np.random.default_rng(2).normal(size=(3, 6, 4)), jnp.float32)
   v = jnp.asarray([1.0, -2.0, 0.5, 0.0])
   moved = latent.shift(ws, v, 2.0, 1, 3)
-  np.testing.assert_allclose(moved[:, 1:3] - ws[:, 1:3], np.broadcast_to(2 * v, (3, 2, 4)),
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    moved[:, 1:3] - ws[:, 1:3], np.broadcast_to(2 * v, (3, 2, 4)), atol=1e-6
+  )
   np.testing.assert_array_equal(moved[:, [0, 3, 4, 5]], ws[:, [0, 3, 4, 5]])
   assert latent.layer_ranges(5) == [(0, 5), (0, 2), (2, 4), (4, 5)]
   with pytest.raises(ValueError, match="layer range"):
@@ -114,7 +121,7 @@ def test_locality_scores_rank_a_planted_channel_first(small_gen):
   """The share inside a region made of the pixels one channel moves most is largest."""
   gen = small_gen
   lat = gen.latents(jax.random.normal(jax.random.PRNGKey(4), (2, gen.z_dim)))
-  chans = stylespace.channels(gen.params, lat)[16 * 4:16 * 4 + 6]
+  chans = stylespace.channels(gen.params, lat)[16 * 4 : 16 * 4 + 6]
   base = gen.generate(lat)[..., :3]
   moved = stylespace.generate(gen, lat, chans[2].conv, chans[2].channel, 4 * chans[2].std)[..., :3]
   change = jnp.sum(jnp.square(moved - base), axis=-1)
@@ -122,7 +129,8 @@ def test_locality_scores_rank_a_planted_channel_first(small_gen):
   _, scores = stylespace.locality_scores(gen, lat, mask[None], 4.0, candidates=chans)
   assert scores.shape == (6, 1) and int(np.argmax(scores[:, 0])) == 2
   np.testing.assert_allclose(
-      scores[2, 0], np.mean(protocol.inside_share(base, moved, mask)), rtol=1e-5)
+    scores[2, 0], np.mean(protocol.inside_share(base, moved, mask)), rtol=1e-5
+  )
 
 
 def test_splits_are_disjoint_consecutive_ranges():
@@ -145,8 +153,9 @@ def test_roi_change_inside_share_and_roir_closed_forms():
   np.testing.assert_allclose(pj.roir_per_sample(x, inside_only, jnp.asarray(mask)), [0, 0])
   # Uniform change c everywhere: ROIR = sqrt(12 / 4), inside share 4 / 16.
   everywhere = x + 0.5
-  np.testing.assert_allclose(pj.roir_per_sample(x, everywhere, jnp.asarray(mask)), np.sqrt(3),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    pj.roir_per_sample(x, everywhere, jnp.asarray(mask)), np.sqrt(3), rtol=1e-5
+  )
   np.testing.assert_allclose(protocol.inside_share(x, everywhere, mask), 0.25, rtol=1e-5)
   np.testing.assert_allclose(protocol.roi_change(x, everywhere, mask), 0.5, rtol=1e-5)
   np.testing.assert_array_equal(protocol.roi_change(x, everywhere, np.zeros_like(mask)), [0, 0])
@@ -155,10 +164,10 @@ def test_roi_change_inside_share_and_roir_closed_forms():
 def test_select_applies_the_threshold_rule():
   roirs = [0.1, 0.5, np.nan, 0.3, 2.0]
   changes = [0.01, 0.2, 0.5, 0.3, 0.9]
-  assert protocol.select(roirs, changes, 0.1) == 3      # 0.1 is below the threshold
+  assert protocol.select(roirs, changes, 0.1) == 3  # 0.1 is below the threshold
   assert protocol.select(roirs, changes, 0.0) == 0
   assert protocol.select(roirs, changes, 0.6) == 4
-  assert protocol.select(roirs, changes, 1.0) is None   # nothing changes the ROI enough
+  assert protocol.select(roirs, changes, 1.0) is None  # nothing changes the ROI enough
   assert protocol.select([np.nan, np.inf], [1, 1], 0.5) == 0  # still a valid index
   with pytest.raises(ValueError, match="one length"):
     protocol.select([1.0], [1.0, 2.0], 0.0)

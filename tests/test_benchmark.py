@@ -10,6 +10,7 @@ steps the differences then stay below `T K eps` of the factors' magnitude. The
 loss is quartic in factors of norm <= 1 (orthonormal A, small P), so it moves by
 at most `8 x` that, relative to `||Z||^2`.
 """
+
 import concurrent.futures
 
 import jax
@@ -52,12 +53,21 @@ def test_fixed_step_variants_agree_step_by_step():
   torch = pytest.importorskip("torch")
   u, a, p, lr = _case()
   zt = torch.from_numpy(np.array(u.z))
-  torch_runs = {name: (torch.from_numpy(np.array(a)), torch.from_numpy(np.array(p)))
-                for name in ("official", "ours")}
+  torch_runs = {
+    name: (torch.from_numpy(np.array(a)), torch.from_numpy(np.array(p)))
+    for name in ("official", "ours")
+  }
   steps = {"official": benchmark.torch_official_step, "ours": benchmark.torch_ours_step}
   config = pj.FitConfig(step_size=lr)
-  state = pj.init(u, RANK_C, benchmark.RANK_S, key=jax.random.PRNGKey(HW * 10 + N),
-                  config=config, appearances=a, parts=p)
+  state = pj.init(
+    u,
+    RANK_C,
+    benchmark.RANK_S,
+    key=jax.random.PRNGKey(HW * 10 + N),
+    config=config,
+    appearances=a,
+    parts=p,
+  )
   scale, loss = float(np.sum(np.asarray(u.z, np.float64) ** 2)), None
   with torch.no_grad():
     for _ in range(STEPS):
@@ -87,19 +97,39 @@ def test_worker_rows_and_time_to_solution(torch_side, tmp_path):
   assert torch_side.info["threads"] == 2
   assert torch_side.info["matmul_precision"] == "highest"
   with jax.default_matmul_precision("float32"):
-    row = benchmark.bench_config(torch_side, C, HW, N, RANK_C, rounds=2, steps=2,
-                                 official_max_gb=1.0, compile_torch=False, workdir=str(tmp_path))
+    row = benchmark.bench_config(
+      torch_side,
+      C,
+      HW,
+      N,
+      RANK_C,
+      rounds=2,
+      steps=2,
+      official_max_gb=1.0,
+      compile_torch=False,
+      workdir=str(tmp_path),
+    )
     u, _, _, _ = benchmark.case_start(C, HW, N, RANK_C)  # Same programs as the row: cached.
     tts = benchmark.time_to_solution(
-        torch_side, jnp.swapaxes(u.z, 1, 2), RANK_C, steps=2, rounds=2, compile_torch=False,
-        workdir=str(tmp_path), lr=row["lr"], default_fit=False,
-        start_key=jax.random.fold_in(jax.random.PRNGKey(HW * 10 + N), 1))
+      torch_side,
+      jnp.swapaxes(u.z, 1, 2),
+      RANK_C,
+      steps=2,
+      rounds=2,
+      compile_torch=False,
+      workdir=str(tmp_path),
+      lr=row["lr"],
+      default_fit=False,
+      start_key=jax.random.fold_in(jax.random.PRNGKey(HW * 10 + N), 1),
+    )
   timed = {"official", "torch_ours", "torch_ours_1thread", "jax_fixed", "jax_adaptive"}
   assert set(row["seconds_per_step"]) == timed
-  assert all(len(s["all"]) == 2 and 0 < s["min"] <= s["median"]
-             for s in row["seconds_per_step"].values())
+  assert all(
+    len(s["all"]) == 2 and 0 < s["min"] <= s["median"] for s in row["seconds_per_step"].values()
+  )
   assert set(row["max_rel_diff_one_step_vs_jax_fixed"]) == set(benchmark.TORCH_VARIANTS) - {
-      "torch_compiled"}
+    "torch_compiled"
+  }
   assert max(row["max_rel_diff_one_step_vs_jax_fixed"].values()) <= FACTOR_TOL / STEPS
   assert row["ratios"]["best_torch_over_jax_fixed"] > 0
   assert "torch_compiled_over_jax_fixed" not in row["ratios"]  # Not compiled: no row, no ratio.

@@ -4,6 +4,7 @@ another configuration against a NumPy reference written here, conversion errors.
 Tolerance policy (fixtures README): max abs difference <= 1e-4 x max_abs of
 the reference array.
 """
+
 import json
 import math
 import os
@@ -52,6 +53,7 @@ def fixture_state():
 # ----------------------------------------------------------------------------
 # The fixture: every array of the official code.
 
+
 def test_fixture_matches_package(gen, io):
   assert np.float32(TRUNCATION) == io["truncation"]
   assert (gen.arch, gen.z_dim, gen.c_dim, gen.num_layers) == ("biggan", 16, 10, 8)
@@ -77,6 +79,22 @@ def test_class_indices_and_layer_range(gen, io):
   jax.tree.map(np.testing.assert_array_equal, lat, one_hot)
   with pytest.raises(ValueError, match="layer must be in"):
     gen.split(lat, gen.num_layers + 1)
+
+
+def test_params_are_checked_against_the_module_tree(gen):
+  """The Flax module's parameter tree (`param_shapes`) is the converted layout; a
+  missing or misshapen parameter is one `ValueError` naming it."""
+  assert [l.kind for l in gen.cfg.generator_layers].index("attention") == 4
+  params = jax.tree.map(np.asarray, gen.params)
+  shapes = jax.tree.map(lambda s: s.shape, biggan.param_shapes(gen.cfg))
+  assert shapes == jax.tree.map(np.shape, params)
+  del params["layer_3"]["bn_2"]["means"]
+  with pytest.raises(ValueError, match=r"parameters under /layer_3/bn_2: missing \['means'\]"):
+    biggan.BigGAN(gen.config, params)
+  params = jax.tree.map(np.asarray, gen.params)
+  params["layer_4"]["gamma"] = np.ones(1, np.float32)
+  with pytest.raises(ValueError, match=r"parameter /layer_4/gamma has shape \(1,\), expected \(\)"):
+    biggan.BigGAN(gen.config, params)
 
 
 def test_stat_weights_copy_the_package_arithmetic():
@@ -119,6 +137,7 @@ def test_class_helpers_and_latent_checks(gen, io):
 # ----------------------------------------------------------------------------
 # Another configuration, rewritten from the fixture, against NumPy.
 
+
 def write_torch_zip(path, state):
   """`torch.save(state_dict)` of float32 arrays, written without torch."""
   p = pickle
@@ -136,13 +155,31 @@ def write_torch_zip(path, state):
   ordered_dict = p.GLOBAL + b"collections\nOrderedDict\n" + p.EMPTY_TUPLE + p.REDUCE
   out = [p.PROTO, b"\x02", ordered_dict, p.MARK]
   for key, (name, array) in enumerate(state.items()):
-    strides = [int(np.prod(array.shape[i + 1:])) for i in range(array.ndim)]
-    storage = (p.MARK + text("storage") + p.GLOBAL + b"torch\nFloatStorage\n"
-               + text(str(key)) + text("cpu") + int_(array.size) + p.TUPLE
-               + p.BINPERSID)
-    out += [text(name), p.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n", p.MARK,
-            storage, int_(0), ints(array.shape), ints(strides), p.NEWFALSE,
-            ordered_dict, p.TUPLE, p.REDUCE]
+    strides = [int(np.prod(array.shape[i + 1 :])) for i in range(array.ndim)]
+    storage = (
+      p.MARK
+      + text("storage")
+      + p.GLOBAL
+      + b"torch\nFloatStorage\n"
+      + text(str(key))
+      + text("cpu")
+      + int_(array.size)
+      + p.TUPLE
+      + p.BINPERSID
+    )
+    out += [
+      text(name),
+      p.GLOBAL + b"torch._utils\n_rebuild_tensor_v2\n",
+      p.MARK,
+      storage,
+      int_(0),
+      ints(array.shape),
+      ints(strides),
+      p.NEWFALSE,
+      ordered_dict,
+      p.TUPLE,
+      p.REDUCE,
+    ]
   out += [p.SETITEMS, p.STOP]
   with zipfile.ZipFile(path, "w") as zf:
     zf.writestr("archive/data.pkl", b"".join(out))
@@ -152,10 +189,17 @@ def write_torch_zip(path, state):
     zf.writestr("archive/version", "3\n")
 
 
-OTHER = dict(output_dim=32, z_dim=16, class_embed_dim=16, channel_width=4,
-             num_classes=3, n_stats=11, eps=1e-4, attention_layer_position=1,
-             layers=[[True, 16, 8], [False, 8, 8], [True, 8, 4], [True, 4, 2],
-                     [False, 2, 1]])
+OTHER = dict(
+  output_dim=32,
+  z_dim=16,
+  class_embed_dim=16,
+  channel_width=4,
+  num_classes=3,
+  n_stats=11,
+  eps=1e-4,
+  attention_layer_position=1,
+  layers=[[True, 16, 8], [False, 8, 8], [True, 8, 4], [True, 4, 2], [False, 2, 1]],
+)
 
 
 def random_state(config, rng):
@@ -168,8 +212,13 @@ def random_state(config, rng):
     w = scale * rng.normal(size=shape) / math.sqrt(np.prod(shape[1:]))
     v = rng.normal(size=int(np.prod(shape[1:])))
     u = np.reshape(w, (shape[0], -1)) @ v  # u ~ W v: sigma = u^T W v > 0.
-    state.update({f"{name}.weight_orig": w, f"{name}.weight_u": u / np.linalg.norm(u),
-                  f"{name}.weight_v": v / np.linalg.norm(v) * rng.uniform(1, 3)})
+    state.update(
+      {
+        f"{name}.weight_orig": w,
+        f"{name}.weight_u": u / np.linalg.norm(u),
+        f"{name}.weight_v": v / np.linalg.norm(v) * rng.uniform(1, 3),
+      }
+    )
 
   def bn(name, c):
     state[f"{name}.running_means"] = 0.3 * rng.normal(size=(k, c))
@@ -182,14 +231,17 @@ def random_state(config, rng):
     c_in, c_out = ch * c_in, ch * c_out
     if b == config["attention_layer_position"]:
       name = f"generator.layers.{i}"
-      for conv, shape in (("theta", (c_in // 8, c_in)), ("phi", (c_in // 8, c_in)),
-                          ("g", (c_in // 2, c_in)), ("o_conv", (c_in, c_in // 2))):
+      for conv, shape in (
+        ("theta", (c_in // 8, c_in)),
+        ("phi", (c_in // 8, c_in)),
+        ("g", (c_in // 2, c_in)),
+        ("o_conv", (c_in, c_in // 2)),
+      ):
         sn(f"{name}.snconv1x1_{conv}", shape + (1, 1))
       state[f"{name}.gamma"] = np.array([0.7])
       i += 1
     name, mid = f"generator.layers.{i}", c_in // 4
-    for j, (a, o, s) in enumerate([(c_in, mid, 1), (mid, mid, 3), (mid, mid, 3),
-                                   (mid, c_out, 1)]):
+    for j, (a, o, s) in enumerate([(c_in, mid, 1), (mid, mid, 3), (mid, mid, 3), (mid, c_out, 1)]):
       bn(f"{name}.bn_{j}", a)
       sn(f"{name}.bn_{j}.scale", (a, d), 0.3)
       sn(f"{name}.bn_{j}.offset", (a, d), 0.3)
@@ -227,8 +279,11 @@ def reference(state, config, z, classes, truncation):
     w = sn(name)
     k, (h, wd) = w.shape[-1], x.shape[2:]
     xp = np.pad(x, ((0, 0), (0, 0), (k // 2,) * 2, (k // 2,) * 2))
-    out = sum(np.einsum("nihw,oi->nohw", xp[:, :, a:a + h, b:b + wd], w[:, :, a, b])
-              for a in range(k) for b in range(k))
+    out = sum(
+      np.einsum("nihw,oi->nohw", xp[:, :, a : a + h, b : b + wd], w[:, :, a, b])
+      for a in range(k)
+      for b in range(k)
+    )
     return out + sd[f"{name}.bias"][:, None, None]
 
   def bn(name, x, cond):
@@ -269,7 +324,7 @@ def reference(state, config, z, classes, truncation):
     for j in range(4):
       h = relu(bn(f"{name}.bn_{j}", h, cond))
       h = conv(f"{name}.conv_{j}", up(h) if j == 1 and up_sample else h)
-    skip = x0[:, :x0.shape[1] // 2] if h.shape[1] != x0.shape[1] else x0
+    skip = x0[:, : x0.shape[1] // 2] if h.shape[1] != x0.shape[1] else x0
     features.append(h + (up(skip) if up_sample else skip))
     i += 1
   x = relu(bn("generator.bn", features[-1], None))
@@ -286,7 +341,7 @@ def test_other_config_converts_and_matches_numpy(tmp_path, fixture_state, io):
   assert converters_main.main([f"--src={src}", f"--dst={tmp_path / 'out'}"]) == 0
   gen = generators.load(tmp_path / "out")
   assert (gen.c_dim, gen.num_layers) == (3, 6)
-  assert [l.kind for l in biggan.layer_list(gen.config)][:3] == ["block", "attention", "block"]
+  assert [l.kind for l in gen.cfg.generator_layers][:3] == ["block", "attention", "block"]
   classes, truncation = np.array([0, 2, 1, 2]), 0.53  # 0.53 interpolates two rows.
   z = np.asarray(io["z"], np.float64)
   features, image = reference(state, OTHER, z, classes, truncation)
@@ -299,6 +354,7 @@ def test_other_config_converts_and_matches_numpy(tmp_path, fixture_state, io):
 
 # ----------------------------------------------------------------------------
 # The error contract: exit 2 and one line.
+
 
 def bad_folder(tmp_path, config=None, state=None):
   folder = tmp_path / "bad"
@@ -317,7 +373,9 @@ def fixture_config(**changes):
     return {**json.load(f), **changes}
 
 
-@pytest.mark.parametrize("config, message", [
+@pytest.mark.parametrize(
+  "config, message",
+  [
     (None, "missing config.json"),
     ({**fixture_config(), "channels": 4}, "unknown keys \\['channels'\\]"),
     ({k: v for k, v in fixture_config().items() if k != "n_stats"}, "missing keys \\['n_stats'\\]"),
@@ -327,7 +385,8 @@ def fixture_config(**changes):
     (fixture_config(output_dim=64), "does not match 4 \\* 2\\^3"),
     (fixture_config(eps="1e-4"), "eps must be a number"),
     (fixture_config(num_classes=11), "embeddings.weight has shape \\[16, 10\\]"),
-])
+  ],
+)
 def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, config, message):
   folder = bad_folder(tmp_path, config)
   assert converters_main.main([f"--src={folder}", f"--dst={tmp_path / 'out'}"]) == 2
@@ -350,9 +409,12 @@ def test_state_dict_must_match_exactly(tmp_path, fixture_state):
 
 def test_command_line_missing_config(tmp_path):
   folder = bad_folder(tmp_path)
-  run = subprocess.run([sys.executable, "-m", "converters", f"--src={folder}",
-                        f"--dst={tmp_path / 'out'}"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  run = subprocess.run(
+    [sys.executable, "-m", "converters", f"--src={folder}", f"--dst={tmp_path / 'out'}"],
+    capture_output=True,
+    text=True,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert run.returncode == 2
   assert run.stderr.strip().count("\n") == 0 and "missing config.json" in run.stderr
 

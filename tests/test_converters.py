@@ -1,4 +1,5 @@
 """The safe checkpoint reader and the `python -m converters` command line."""
+
 import collections
 import importlib
 import os
@@ -25,10 +26,16 @@ SG3_PKL = os.path.join(FIXTURES, "stylegan3", "network-snapshot.pkl")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _TORCH = {"collections.OrderedDict", "torch.FloatStorage", "torch._utils._rebuild_tensor_v2"}
-_NVIDIA = {"collections.OrderedDict", "numpy._core.multiarray.scalar", "numpy.dtype",
-           "torch.FloatStorage", "torch._utils._rebuild_parameter",
-           "torch._utils._rebuild_tensor_v2", "torch.storage._load_from_bytes",
-           "torch_utils.persistence._reconstruct_persistent_obj"}
+_NVIDIA = {
+  "collections.OrderedDict",
+  "numpy._core.multiarray.scalar",
+  "numpy.dtype",
+  "torch.FloatStorage",
+  "torch._utils._rebuild_parameter",
+  "torch._utils._rebuild_tensor_v2",
+  "torch.storage._load_from_bytes",
+  "torch_utils.persistence._reconstruct_persistent_obj",
+}
 _NUMPY_ARRAYS = {"numpy._core.multiarray._reconstruct", "numpy.ndarray"}
 
 
@@ -43,11 +50,14 @@ def _arrays(obj):
 
 
 # Reference: torch.load(weights_only=True) of each file, float64 sums (torch 2.13).
-@pytest.mark.parametrize("path, n, size, total, total_abs", [
+@pytest.mark.parametrize(
+  "path, n, size, total, total_abs",
+  [
     ("biggan/pytorch_model.bin", 362, 124939, 20865.773298151667, 34099.66551844166),
     ("pggan/pggan.pth", 50, 557274, -1419.7389728224998, 444117.5700941336),
     ("stylegan/stylegan.pth", 130, 686298, -69269.88115653466, 10905136.776744561),
-])
+  ],
+)
 def test_torch_zip_fixtures_match_torch_load(path, n, size, total, total_abs):
   log = set()
   arrays = list(_arrays(safe_pickle.load(os.path.join(FIXTURES, path), log=log)))
@@ -55,8 +65,9 @@ def test_torch_zip_fixtures_match_torch_load(path, n, size, total, total_abs):
   assert len(arrays) == n and sum(a.size for a in arrays) == size
   assert all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
   np.testing.assert_allclose(sum(a.astype(np.float64).sum() for a in arrays), total, rtol=1e-9)
-  np.testing.assert_allclose(sum(np.abs(a.astype(np.float64)).sum() for a in arrays),
-                             total_abs, rtol=1e-9)
+  np.testing.assert_allclose(
+    sum(np.abs(a.astype(np.float64)).sum() for a in arrays), total_abs, rtol=1e-9
+  )
 
 
 @pytest.mark.parametrize("path, extra", [(SG2_PKL, set()), (SG3_PKL, _NUMPY_ARRAYS)])
@@ -72,9 +83,10 @@ def test_network_pickles_give_inert_records(path, extra):
   mapping = g.state["_modules"]["mapping"]
   assert mapping.state["_buffers"]["w_avg"].shape == (64,)
   # Weights differ between G and G_ema, as in real snapshots.
-  assert not np.array_equal(mapping.state["_modules"]["fc0"].state["_parameters"]["weight"],
-                            snap["G"].state["_modules"]["mapping"].state["_modules"]["fc0"]
-                            .state["_parameters"]["weight"])
+  assert not np.array_equal(
+    mapping.state["_modules"]["fc0"].state["_parameters"]["weight"],
+    snap["G"].state["_modules"]["mapping"].state["_modules"]["fc0"].state["_parameters"]["weight"],
+  )
 
 
 def test_network_pickle_filters_are_the_binomial_filter():
@@ -87,20 +99,29 @@ def test_network_pickle_filters_are_the_binomial_filter():
 def _sample_tree(torch_files):
   storage = np.arange(12, dtype=np.float32)
   return collections.OrderedDict(
-      f32=np.arange(6, dtype=np.float32).reshape(2, 3),
-      i64=np.array([1, -2], np.int64), f16=np.full((2, 2), 0.5, np.float16),
-      bf16=np.array([1.5, -2], ml_dtypes.bfloat16), flag=np.array([True, False]),
-      scalar=np.float32(3.0), transposed=torch_files.Strided(storage, 0, (4, 3), (1, 4)),
-      window=torch_files.Strided(storage, 5, (2, 2), (4, 1)),
-      zero_d=torch_files.Strided(storage, 7, (), ()))
+    f32=np.arange(6, dtype=np.float32).reshape(2, 3),
+    i64=np.array([1, -2], np.int64),
+    f16=np.full((2, 2), 0.5, np.float16),
+    bf16=np.array([1.5, -2], ml_dtypes.bfloat16),
+    flag=np.array([True, False]),
+    scalar=np.float32(3.0),
+    transposed=torch_files.Strided(storage, 0, (4, 3), (1, 4)),
+    window=torch_files.Strided(storage, 5, (2, 2), (4, 1)),
+    zero_d=torch_files.Strided(storage, 7, (), ()),
+  )
 
 
 _EXPECTED = dict(
-    f32=np.arange(6, dtype=np.float32).reshape(2, 3), i64=np.array([1, -2]),
-    f16=np.full((2, 2), 0.5, np.float16), bf16=np.array([1.5, -2], ml_dtypes.bfloat16),
-    flag=np.array([True, False]), scalar=np.float32(3.0),
-    transposed=np.arange(12, dtype=np.float32).reshape(3, 4).T,
-    window=np.array([[5, 6], [9, 10]], np.float32), zero_d=np.array(7, np.float32))
+  f32=np.arange(6, dtype=np.float32).reshape(2, 3),
+  i64=np.array([1, -2]),
+  f16=np.full((2, 2), 0.5, np.float16),
+  bf16=np.array([1.5, -2], ml_dtypes.bfloat16),
+  flag=np.array([True, False]),
+  scalar=np.float32(3.0),
+  transposed=np.arange(12, dtype=np.float32).reshape(3, 4).T,
+  window=np.array([[5, 6], [9, 10]], np.float32),
+  zero_d=np.array(7, np.float32),
+)
 
 
 def test_zero_d_tensors_stay_zero_d():
@@ -141,10 +162,11 @@ class _Evil:
 
 def _evil_payloads(marker):
   import builtins  # pylint: disable=import-outside-toplevel
+
   return {
-      "os.system": _Evil(os.system, (f"touch {marker}",)),
-      "builtins.eval": _Evil(builtins.eval, (f"open({str(marker)!r}, 'w').close()",)),
-      "subprocess.Popen": _Evil(subprocess.Popen, (["touch", str(marker)],)),
+    "os.system": _Evil(os.system, (f"touch {marker}",)),
+    "builtins.eval": _Evil(builtins.eval, (f"open({str(marker)!r}, 'w').close()",)),
+    "subprocess.Popen": _Evil(subprocess.Popen, (["touch", str(marker)],)),
   }
 
 
@@ -160,8 +182,7 @@ def test_payloads_are_live_under_plain_pickle(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["os.system", "builtins.eval", "subprocess.Popen"])
 @pytest.mark.parametrize("wrap", ["plain", "in_network_pickle", "in_torch_zip"])
-def test_malicious_pickles_are_refused_before_running(name, wrap, torch_files, tmp_path,
-                                                     capsys):
+def test_malicious_pickles_are_refused_before_running(name, wrap, torch_files, tmp_path, capsys):
   marker = tmp_path / _MARKER
   evil = _evil_payloads(marker)[name]
   path = tmp_path / "evil.pkl"
@@ -189,7 +210,7 @@ def test_malicious_pickles_are_refused_before_running(name, wrap, torch_files, t
 def test_truncated_files_are_refused(src, fraction, tmp_path):
   data = open(src, "rb").read()
   path = tmp_path / "cut"
-  path.write_bytes(data[:int(len(data) * fraction)])
+  path.write_bytes(data[: int(len(data) * fraction)])
   with pytest.raises(ConversionError) as e:
     safe_pickle.load(path)
   assert "\n" not in str(e.value)
@@ -203,10 +224,14 @@ def test_truncated_nested_storage_is_refused(torch_files, tmp_path):
     safe_pickle.load(path)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "not a pickle"), (b"hello world, not a checkpoint", "not a pickle"),
+@pytest.mark.parametrize(
+  "content, match",
+  [
+    (b"", "not a pickle"),
+    (b"hello world, not a checkpoint", "not a pickle"),
     (b"PK\x03\x04garbage", "truncated or corrupt"),
-])
+  ],
+)
 def test_unknown_bytes_are_refused(content, match, tmp_path):
   path = tmp_path / "x.pkl"
   path.write_bytes(content)
@@ -231,8 +256,9 @@ def test_caps_on_size_nesting_and_views(torch_files, tmp_path):
   with pytest.raises(ConversionError, match="nests"):
     safe_pickle.loads(pickle.dumps(nested))
   path = tmp_path / "view.pt"
-  torch_files.torch_zip({"w": torch_files.Strided(np.arange(4, dtype=np.float32), 2, (3,),
-                                                  (1,))}, path)
+  torch_files.torch_zip(
+    {"w": torch_files.Strided(np.arange(4, dtype=np.float32), 2, (3,), (1,))}, path
+  )
   with pytest.raises(ConversionError, match="past its storage"):
     safe_pickle.load(path)
 
@@ -257,8 +283,12 @@ def test_cli_converts_and_reconversion_is_byte_identical(tmp_path, capsys):
   def files(root):
     # orbax's own bookkeeping records wall-clock timestamps and the path.
     skip = {"_CHECKPOINT_METADATA", "commit_success.txt"}
-    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
-            for d, _, fs in os.walk(root) for f in fs if f not in skip}
+    return {
+      os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+      for d, _, fs in os.walk(root)
+      for f in fs
+      if f not in skip
+    }
 
   a, b = files(dsts[0]), files(dsts[1])
   assert "config.json" in a and len(a) > 10
@@ -275,10 +305,10 @@ def test_cli_failures_exit_2_with_one_line(tmp_path, capsys, torch_files):
   (tmp_path / "existing").mkdir()
   (tmp_path / "existing" / "file").write_text("x")
   cases = [
-      (no_ema, tmp_path / "o1", "no G_ema"),
-      (other, tmp_path / "o2", "not a checkpoint of a supported kind"),
-      (tmp_path / "missing.pkl", tmp_path / "o3", "does not exist"),
-      (SG2_PKL, tmp_path / "existing", "not empty"),
+    (no_ema, tmp_path / "o1", "no G_ema"),
+    (other, tmp_path / "o2", "not a checkpoint of a supported kind"),
+    (tmp_path / "missing.pkl", tmp_path / "o3", "does not exist"),
+    (SG2_PKL, tmp_path / "existing", "not empty"),
   ]
   for src, dst, reason in cases:
     code, err = _convert_cli([f"--src={src}", f"--dst={dst}"], capsys)
@@ -290,9 +320,14 @@ def test_cli_failures_exit_2_with_one_line(tmp_path, capsys, torch_files):
 def test_cli_process_exit_code(tmp_path):
   bad = tmp_path / "bad.pkl"
   bad.write_bytes(b"\x80\x04garbage")
-  proc = subprocess.run([sys.executable, "-m", "converters", f"--src={bad}",
-                         f"--dst={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
-                        text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [sys.executable, "-m", "converters", f"--src={bad}", f"--dst={tmp_path / 'out'}"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 2
   assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
 

@@ -13,6 +13,7 @@ module built by that script, and are skipped without torch. The real weights
 are read from `PANDA_DCGAN_WEIGHTS` (gan-face-generate's `weights.tar`, see
 WORKSPACE.md), never from the repository.
 """
+
 import importlib.util
 import json
 import os
@@ -41,11 +42,15 @@ REAL_WEIGHTS = os.environ.get("PANDA_DCGAN_WEIGHTS", "")
 
 def _torch_reference():
   """`fixtures/make_dcgan.py` as a module (it imports torch); skips without torch."""
-  torch = pytest.importorskip("torch", reason="the torch extra is not installed: "
-                              "`pip install -e '.[torch]'` to compare with torch itself")
+  torch = pytest.importorskip(
+    "torch",
+    reason="the torch extra is not installed: "
+    "`pip install -e '.[torch]'` to compare with torch itself",
+  )
   torch.set_num_threads(1)
   spec = importlib.util.spec_from_file_location(
-      "make_dcgan", os.path.join(HERE, "fixtures", "make_dcgan.py"))
+    "make_dcgan", os.path.join(HERE, "fixtures", "make_dcgan.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return torch, module
@@ -54,6 +59,7 @@ def _torch_reference():
 def _assert_matches_torch(gen, make, net, z):
   """Every block's output and the image of `gen` equal torch's on `z [n, nz]`."""
   import torch  # pylint: disable=import-outside-toplevel
+
   features, image = make.forward(net, torch.from_numpy(z))
   lat = gen.latents(z)
   assert list(gen.layers) == sorted(features)
@@ -69,8 +75,13 @@ def _assert_split_resume(gen, z):
   for layer in gen.layers:
     x, carry = gen.split(lat, layer)
     assert carry is None and x.shape[1:] == gen.cfg.feature_shape(layer)
-    np.testing.assert_allclose(gen.resume(x, carry, lat, layer), img, rtol=0,
-                               atol=1e-5 * np.abs(img).max(), err_msg=f"layer {layer}")
+    np.testing.assert_allclose(
+      gen.resume(x, carry, lat, layer),
+      img,
+      rtol=0,
+      atol=1e-5 * np.abs(img).max(),
+      err_msg=f"layer {layer}",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +105,11 @@ def test_fixture_features_image_and_edit(gen, io):
     meta = json.load(f)
   assert gen.arch == "dcgan" and isinstance(gen, dcgan.DCGAN)
   assert (gen.z_dim, gen.cfg.channels, gen.cfg.img_channels, gen.num_layers) == (
-      meta["nz"], tuple(meta["channels"]), meta["nc"], 3)
+    meta["nz"],
+    tuple(meta["channels"]),
+    meta["nc"],
+    3,
+  )
   assert gen.config["img_resolution"] == gen.cfg.img_resolution == 32
   assert {k: float(np.abs(io[k]).max()) for k in meta["max_abs"]} == meta["max_abs"]
   assert_fixture_outputs(gen, io, gen.latents(io["z"]))
@@ -107,7 +122,8 @@ def test_resume_of_split_is_generate_at_every_layer(gen):
 
 def test_every_product_runs_in_float32_precision(gen):
   jaxpr = jax.make_jaxpr(lambda z: gen.generate(gen.latents(z)))(
-      np.zeros((1, gen.z_dim), np.float32))
+    np.zeros((1, gen.z_dim), np.float32)
+  )
   products = list(_products(jaxpr.jaxpr))
   # The first transposed conv (stride 1) is one correlation, every stride-2 one
   # four (its sub-pixel phases, `layers.upsampling_correlation`).
@@ -118,8 +134,11 @@ def test_every_product_runs_in_float32_precision(gen):
 
 def test_bad_calls_raise(gen, io):
   lat = gen.latents(io["z"])
-  for kwargs in (dict(truncation_psi=0.7), dict(truncation_cutoff=2),
-                 dict(c=np.ones((2, 1), np.float32))):
+  for kwargs in (
+    dict(truncation_psi=0.7),
+    dict(truncation_cutoff=2),
+    dict(c=np.ones((2, 1), np.float32)),
+  ):
     with pytest.raises(ValueError, match="truncation|unconditional"):
       gen.latents(io["z"], **kwargs)
   np.testing.assert_array_equal(gen.latents(io["z"], truncation_psi=1), lat)
@@ -141,11 +160,14 @@ def test_bad_calls_raise(gen, io):
 # --- Beyond the fixture: other depths, widths and file layouts, against torch. ---
 
 
-@pytest.mark.parametrize("nz, channels, nc, layout", [
+@pytest.mark.parametrize(
+  "nz, channels, nc, layout",
+  [
     (7, (20, 12, 6, 4, 2), 1, "netG/data_parallel/legacy"),  # 128x128, 1 channel.
     (5, (3,), 4, "state_dict"),  # One block: 8x8, 4 channels.
     (16, (64, 32, 16, 8), 3, "bare"),  # The tutorial's shape at ngf = 8: 64x64.
-])
+  ],
+)
 def test_other_configurations_match_torch(nz, channels, nc, layout, tmp_path):
   torch, make = _torch_reference()
   net = make.randomize(make.generator(nz, channels, nc), seed=len(channels))
@@ -166,16 +188,25 @@ def test_other_configurations_match_torch(nz, channels, nc, layout, tmp_path):
   _assert_split_resume(gen, z)
 
 
-@pytest.mark.skipif(not os.path.isfile(REAL_WEIGHTS), reason=(
+@pytest.mark.skipif(
+  not os.path.isfile(REAL_WEIGHTS),
+  reason=(
     "set PANDA_DCGAN_WEIGHTS to gan-face-generate's weights.tar (WORKSPACE.md, DCGAN) "
-    "to test the real weights"))
+    "to test the real weights"
+  ),
+)
 def test_real_weights_match_torch(tmp_path, capsys):
   torch, make = _torch_reference()
-  assert cli.main([f"--src={REAL_WEIGHTS}", f"--dst={tmp_path / 'g'}", "--nz=100"]) == 0, \
-      capsys.readouterr().err
+  assert cli.main([f"--src={REAL_WEIGHTS}", f"--dst={tmp_path / 'g'}", "--nz=100"]) == 0, (
+    capsys.readouterr().err
+  )
   gen = generators.load(tmp_path / "g")
   assert (gen.z_dim, gen.cfg.channels, gen.cfg.img_channels, gen.cfg.img_resolution) == (
-      100, (512, 256, 128, 64), 3, 64)
+    100,
+    (512, 256, 128, 64),
+    3,
+    64,
+  )
   state = torch.load(REAL_WEIGHTS, map_location="cpu", weights_only=True)["netG_state_dict"]
   net = make.generator(100, (512, 256, 128, 64), 3)
   net.load_state_dict(state)
@@ -200,8 +231,13 @@ def test_cli_options(gen, tmp_path, capsys):
 def test_sniff_claims_only_dcgan_files():
   fixtures = os.path.join(HERE, "fixtures")
   assert converters.detect(converters.Source(WEIGHTS)) is dcgan_converter
-  for rel in ("pggan/pggan.pth", "stylegan/stylegan.pth", "stylegan2/network-snapshot.pkl",
-              "biggan/pytorch_model.bin", "biggan"):
+  for rel in (
+    "pggan/pggan.pth",
+    "stylegan/stylegan.pth",
+    "stylegan2/network-snapshot.pkl",
+    "biggan/pytorch_model.bin",
+    "biggan",
+  ):
     assert not dcgan_converter.sniff(converters.Source(os.path.join(fixtures, rel))), rel
 
 
@@ -211,12 +247,14 @@ def _fixture_checkpoint() -> dict:
 
 def _edit_state(edit):
   """A writer of the fixture checkpoint with `edit(netG state dict)` applied."""
+
   def write(path, torch_files):
     ckpt = _fixture_checkpoint()
     state = dict(ckpt["netG_state_dict"])
     edit(state)
     ckpt["netG_state_dict"] = state
     torch_files.torch_zip(ckpt, path)
+
   return write
 
 
@@ -227,6 +265,7 @@ def _set(name, value):
 def _checkpoint(**entries):
   def write(path, torch_files):
     torch_files.torch_zip({**_fixture_checkpoint(), **entries}, path)
+
   return write
 
 
@@ -243,55 +282,116 @@ def _prefixed_without(name):
     moved = {f"module.{k}": v for k, v in state.items() if k != name}
     state.clear()
     state.update(moved)
+
   return edit
 
 
 _NAN = np.full((16,), np.nan, np.float32)
 BAD = {  # name -> (writer(path, torch_files), extra CLI flags, expected error text).
-    "discriminator_as_netG": (
-        lambda p, tf: tf.torch_zip({"netG_state_dict": _fixture_checkpoint()["netD_state_dict"]},
-                                   p), [], "missing tensor main.1.weight"),
-    "pggan_as_netG": (_checkpoint(netG_state_dict=_pggan_state()), [],
-                      "missing tensor main.0.weight"),
-    "netG_not_a_state_dict": (_checkpoint(netG_state_dict=[1, 2]), [],
-                              "netG_state_dict is not a state dict"),
-    "missing_key": (_edit_state(lambda s: s.pop("main.4.running_var")), [],
-                    "missing tensor main.4.running_var"),
-    "missing_key_data_parallel": (_edit_state(_prefixed_without("main.4.running_var")), [],
-                                  "missing tensor module.main.4.running_var"),
-    "missing_last_conv": (_edit_state(lambda s: s.pop("main.9.weight")), [],
-                          "missing tensor main.9.weight"),
-    "extra_conv_bias": (_set("main.3.bias", np.zeros(16, np.float32)), [],
-                        "unexpected tensor main.3.bias"),
-    "extra_unrelated_key": (_set("main.99.weight", np.zeros(3, np.float32)), [],
-                            "unexpected tensor main.99.weight"),
-    "extra_block": (_set("main.12.weight", np.zeros((3, 3, 4, 4), np.float32)), [],
-                    "missing tensor main.10.weight"),
-    "conv_in_channels": (_set("main.3.weight", np.zeros((31, 16, 4, 4), np.float32)), [],
-                         r"tensor main.3.weight has shape \[31, 16, 4, 4\], "
-                         r"expected \[32, 16, 4, 4\]"),
-    "bn_channels": (_set("main.4.weight", np.ones(17, np.float32)), [],
-                    r"tensor main.4.weight has shape \[17\], expected \[16\]"),
-    "kernel_3x3": (_set("main.9.weight", np.zeros((8, 3, 3, 3), np.float32)), [],
-                   r"tensor main.9.weight has shape \[8, 3, 3, 3\]"),
-    "conv_2d_weight": (_set("main.0.weight", np.zeros((16, 32), np.float32)), [],
-                       r"tensor main.0.weight has shape \[16, 32\]"),
-    "nan": (_set("main.4.bias", _NAN), [], "tensor main.4.bias holds NaN or Inf"),
-    "negative_variance": (_edit_state(_negative_var), [],
-                          "tensor main.1.running_var has negative entries"),
-    "float_counter": (_set("main.1.num_batches_tracked", np.array(3.5, np.float32)), [],
-                      "main.1.num_batches_tracked must be a 0-d integer counter"),
-    "int_weight": (_set("main.1.weight", np.ones(32, np.int64)), [],
-                   "tensor main.1.weight has dtype int64"),
-    "wrong_nz": (_checkpoint(), ["--nz=17"],
-                 r"--nz=17 but tensor main.0.weight has shape \[16, 32, 4, 4\]"),
-    "forbidden_global": (
-        lambda p, tf: tf.torch_zip({"netG_state_dict": {"main.0.weight": tf.Global(
-            "os", "system")}}, p), [], "forbidden global os.system"),
-    "random_bytes": (lambda p, tf: p.write_bytes(np.random.default_rng(0).bytes(300)), [],
-                     "not a pickle, torch zip or legacy torch file"),
-    "text_file": (lambda p, tf: p.write_text("netG_state_dict main.0.weight\n"), [],
-                  "not a pickle, torch zip or legacy torch file"),
+  "discriminator_as_netG": (
+    lambda p, tf: tf.torch_zip({"netG_state_dict": _fixture_checkpoint()["netD_state_dict"]}, p),
+    [],
+    "missing tensor main.1.weight",
+  ),
+  "pggan_as_netG": (
+    _checkpoint(netG_state_dict=_pggan_state()),
+    [],
+    "missing tensor main.0.weight",
+  ),
+  "netG_not_a_state_dict": (
+    _checkpoint(netG_state_dict=[1, 2]),
+    [],
+    "netG_state_dict is not a state dict",
+  ),
+  "missing_key": (
+    _edit_state(lambda s: s.pop("main.4.running_var")),
+    [],
+    "missing tensor main.4.running_var",
+  ),
+  "missing_key_data_parallel": (
+    _edit_state(_prefixed_without("main.4.running_var")),
+    [],
+    "missing tensor module.main.4.running_var",
+  ),
+  "missing_last_conv": (
+    _edit_state(lambda s: s.pop("main.9.weight")),
+    [],
+    "missing tensor main.9.weight",
+  ),
+  "extra_conv_bias": (
+    _set("main.3.bias", np.zeros(16, np.float32)),
+    [],
+    "unexpected tensor main.3.bias",
+  ),
+  "extra_unrelated_key": (
+    _set("main.99.weight", np.zeros(3, np.float32)),
+    [],
+    "unexpected tensor main.99.weight",
+  ),
+  "extra_block": (
+    _set("main.12.weight", np.zeros((3, 3, 4, 4), np.float32)),
+    [],
+    "missing tensor main.10.weight",
+  ),
+  "conv_in_channels": (
+    _set("main.3.weight", np.zeros((31, 16, 4, 4), np.float32)),
+    [],
+    r"tensor main.3.weight has shape \[31, 16, 4, 4\], "
+    r"expected \[32, 16, 4, 4\]",
+  ),
+  "bn_channels": (
+    _set("main.4.weight", np.ones(17, np.float32)),
+    [],
+    r"tensor main.4.weight has shape \[17\], expected \[16\]",
+  ),
+  "kernel_3x3": (
+    _set("main.9.weight", np.zeros((8, 3, 3, 3), np.float32)),
+    [],
+    r"tensor main.9.weight has shape \[8, 3, 3, 3\]",
+  ),
+  "conv_2d_weight": (
+    _set("main.0.weight", np.zeros((16, 32), np.float32)),
+    [],
+    r"tensor main.0.weight has shape \[16, 32\]",
+  ),
+  "nan": (_set("main.4.bias", _NAN), [], "tensor main.4.bias holds NaN or Inf"),
+  "negative_variance": (
+    _edit_state(_negative_var),
+    [],
+    "tensor main.1.running_var has negative entries",
+  ),
+  "float_counter": (
+    _set("main.1.num_batches_tracked", np.array(3.5, np.float32)),
+    [],
+    "main.1.num_batches_tracked must be a 0-d integer counter",
+  ),
+  "int_weight": (
+    _set("main.1.weight", np.ones(32, np.int64)),
+    [],
+    "tensor main.1.weight has dtype int64",
+  ),
+  "wrong_nz": (
+    _checkpoint(),
+    ["--nz=17"],
+    r"--nz=17 but tensor main.0.weight has shape \[16, 32, 4, 4\]",
+  ),
+  "forbidden_global": (
+    lambda p, tf: tf.torch_zip(
+      {"netG_state_dict": {"main.0.weight": tf.Global("os", "system")}}, p
+    ),
+    [],
+    "forbidden global os.system",
+  ),
+  "random_bytes": (
+    lambda p, tf: p.write_bytes(np.random.default_rng(0).bytes(300)),
+    [],
+    "not a pickle, torch zip or legacy torch file",
+  ),
+  "text_file": (
+    lambda p, tf: p.write_text("netG_state_dict main.0.weight\n"),
+    [],
+    "not a pickle, torch zip or legacy torch file",
+  ),
 }
 
 

@@ -8,6 +8,7 @@ first line `# doc-test: skip -- <reason>`. ```bash / ```sh blocks and
 unlabelled fences are not executed; a Python block must be fenced as
 ```python (other spellings such as ```py would escape the collector and fail).
 """
+
 import inspect
 import os
 import re
@@ -56,7 +57,9 @@ def _blocks(path: str) -> list:
     while end < len(lines) and lines[end].rstrip() != closing:
       end += 1
     assert end < len(lines), f"{path}:{i + 1}: unclosed fence"
-    blocks.append(Block(path, i + 2, opening["lang"], textwrap.dedent("\n".join(lines[i + 1:end]))))
+    blocks.append(
+      Block(path, i + 2, opening["lang"], textwrap.dedent("\n".join(lines[i + 1 : end])))
+    )
     i = end + 1
   return blocks
 
@@ -86,15 +89,17 @@ def test_markers_are_well_formed():
   for block in PYTHON:
     if "doc-test:" in block.first_line:
       assert block.first_line == PRELUDE or SKIP.match(block.first_line), (
-          f"{block.id}: a marker is '{PRELUDE}' or '# doc-test: skip -- <reason>', "
-          f"got {block.first_line!r}")
+        f"{block.id}: a marker is '{PRELUDE}' or '# doc-test: skip -- <reason>', "
+        f"got {block.first_line!r}"
+      )
   escaping = [b.id for b in ALL if b.lang in ESCAPING]
   assert not escaping, f"fence these Python blocks as ```python: {escaping}"
   assert len(PYTHON) >= 10, [b.id for b in PYTHON]
 
 
-@pytest.mark.parametrize("block", [b for b in PYTHON if b.first_line != PRELUDE],
-                         ids=lambda b: b.id)
+@pytest.mark.parametrize(
+  "block", [b for b in PYTHON if b.first_line != PRELUDE], ids=lambda b: b.id
+)
 def test_python_block_runs(block, prelude):
   if SKIP.match(block.first_line):
     pytest.skip(block.first_line)
@@ -103,8 +108,11 @@ def test_python_block_runs(block, prelude):
 
 def _public():
   """Every public function and class of `pj` (modules and constants aside)."""
-  return sorted(name for name, value in vars(pj).items()
-                if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value)))
+  return sorted(
+    name
+    for name, value in vars(pj).items()
+    if not name.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
+  )
 
 
 def test_api_reference_names_every_public_function():

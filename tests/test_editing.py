@@ -3,6 +3,7 @@
 Tolerances are the float32 rounding bounds of each formula (tests/_bounds.py),
 derived where the reference is defined.
 """
+
 import json
 import types
 
@@ -68,7 +69,8 @@ def _np_edit(z, a, edits):
     weights = np.reshape(weights, (-1, S, 1))
     delta = delta + alpha * weights * np.asarray(a, np.float64)[:, j]
     bound = bound + np.abs(alpha) * np.abs(a[:, j]) * (
-        np.reshape(weights_error, (-1, 1, 1)) + gamma(len(edits) + 2))
+      np.reshape(weights_error, (-1, 1, 1)) + gamma(len(edits) + 2)
+    )
   return (z64 + delta).reshape(z.shape), np.broadcast_to(bound, z64.shape).reshape(z.shape)
 
 
@@ -80,21 +82,31 @@ def _part_edit(z, a, columns, j, alpha, normalise="minmax"):
 @pytest.mark.parametrize("normalise", ["minmax", "max"])
 def test_edit_matches_numpy_index_union_and_refined(normalise):
   z, a, p = _random()
-  assert_within(editing.edit(z, a, p, 1, 2, 7.5, normalise=normalise),
-                *_part_edit(z, a, p[:, 1:2], 2, 7.5, normalise), "index")
-  assert_within(editing.edit(z, a, p, [0, 2], 1, -3.0, normalise=normalise),
-                *_part_edit(z, a, p[:, [0, 2]], 1, -3.0, normalise), "union")
+  assert_within(
+    editing.edit(z, a, p, 1, 2, 7.5, normalise=normalise),
+    *_part_edit(z, a, p[:, 1:2], 2, 7.5, normalise),
+    "index",
+  )
+  assert_within(
+    editing.edit(z, a, p, [0, 2], 1, -3.0, normalise=normalise),
+    *_part_edit(z, a, p[:, [0, 2]], 1, -3.0, normalise),
+    "union",
+  )
   refined = np.abs(np.random.default_rng(1).normal(size=(N, S, RS))).astype(np.float32)
   alpha = np.array([1.0, -2.0, 4.0], np.float32)
-  assert_within(editing.edit(z, a, refined, 2, 0, alpha, normalise=normalise),
-                *_part_edit(z, a, refined[:, :, 2:3], 0, alpha, normalise), "refined")
+  assert_within(
+    editing.edit(z, a, refined, 2, 0, alpha, normalise=normalise),
+    *_part_edit(z, a, refined[:, :, 2:3], 0, alpha, normalise),
+    "refined",
+  )
 
 
 def test_minmax_and_max_differ_only_for_parts_without_zeros():
   z, a, p = _random()
   assert p[:, 1].min() == 0  # A part with zeros: both normalisations are p / max p.
-  np.testing.assert_array_equal(editing.edit(z, a, p, 1, 2, 5.0),
-                                editing.edit(z, a, p, 1, 2, 5.0, normalise="max"))
+  np.testing.assert_array_equal(
+    editing.edit(z, a, p, 1, 2, 5.0), editing.edit(z, a, p, 1, 2, 5.0, normalise="max")
+  )
   lifted = p + 0.5  # No zeros: min-max maps the minimum to 0, max-normalisation to > 0.
   weights = editing.part_weights(1, lifted, z)
   assert float(weights.min()) == 0 and float(weights.max()) == 1
@@ -113,8 +125,14 @@ def test_edit_keeps_layout_and_several_triples_add():
   z, a, p = _random()
   out = editing.edit_many(z.reshape(N, S, C), a, p, [(0, 1, 2.0), ([1, 2], 3, -1.0)])
   assert out.shape == (N, S, C)
-  expected, bound = _np_edit(z, a, [(_np_weights(p[:, :1]), _weights_error(p[:, :1]), 1, 2.0),
-                                    (_np_weights(p[:, 1:]), _weights_error(p[:, 1:]), 3, -1.0)])
+  expected, bound = _np_edit(
+    z,
+    a,
+    [
+      (_np_weights(p[:, :1]), _weights_error(p[:, :1]), 1, 2.0),
+      (_np_weights(p[:, 1:]), _weights_error(p[:, 1:]), 3, -1.0),
+    ],
+  )
   assert_within(out, expected.reshape(N, S, C), bound.reshape(N, S, C))
 
 
@@ -142,8 +160,11 @@ def test_image_mask_is_area_averaged():
   expected = mask.astype(np.float64).reshape(N, H, 2, W, 3).mean(axis=(2, 4)).reshape(N, S)
   assert_within(editing.downsample_mask(mask, (H, W)), expected, gamma(6))
   z, a, p = _random()
-  assert_within(editing.edit(z, a, p, mask, 0, 2.0),
-                *_np_edit(z, a, [(expected, gamma(6), 0, 2.0)]), "mask edit")
+  assert_within(
+    editing.edit(z, a, p, mask, 0, 2.0),
+    *_np_edit(z, a, [(expected, gamma(6), 0, 2.0)]),
+    "mask edit",
+  )
 
 
 def test_edit_is_jittable():
@@ -151,8 +172,11 @@ def test_edit_is_jittable():
   mask = np.zeros((H, W), np.float32)
   mask[0, 0] = 1
   fn = jax.jit(lambda z, p, m, al: editing.edit_many(z, a, p, [([0, 1], 2, al), (m, 1, al)]))
-  expected, bound = _np_edit(z, a, [(_np_weights(p[:, :2]), _weights_error(p[:, :2]), 2, 3.0),
-                                    (mask.reshape(S), 0.0, 1, 3.0)])
+  expected, bound = _np_edit(
+    z,
+    a,
+    [(_np_weights(p[:, :2]), _weights_error(p[:, :2]), 2, 3.0), (mask.reshape(S), 0.0, 1, 3.0)],
+  )
   assert_within(fn(z, p, mask, 3.0), expected, bound)
 
 
@@ -164,20 +188,31 @@ def test_vmap_over_triples_equals_the_loop_of_single_edits():
   alphas = np.array([2.0, -4.0, 0.5, 8.0], np.float32)
   for parts in (p, refined):
     batched = jax.jit(jax.vmap(lambda k, j, al: editing.edit(z, a, parts, k, j, al)))(
-        ks, js, alphas)
+      ks, js, alphas
+    )
     assert batched.shape == (len(ks), N, H, W, C)
     for t, (k, j, al) in enumerate(zip(ks, js, alphas)):
-      expected, bound = _part_edit(z, a, parts[..., k:k + 1], j, al)
+      expected, bound = _part_edit(z, a, parts[..., k : k + 1], j, al)
       assert_within(batched[t], expected, bound, f"vmap edit {t}")
       assert_within(editing.edit(z, a, parts, int(k), int(j), al), expected, bound, "loop")
   # A union of traced indices, and several traced triples in one call.
   union = jax.jit(lambda ks: editing.edit(z, a, p, ks, 1, 3.0))(jnp.array([0, 2]))
   assert_within(union, *_part_edit(z, a, p[:, [0, 2]], 1, 3.0), "traced union")
   many = jax.jit(lambda k, j: editing.edit_many(z, a, p, [(k, j, 1.0), ([k, 1], 0, 2.0)]))(
-      jnp.int32(2), jnp.int32(3))
-  assert_within(many, *_np_edit(z, a, [(_np_weights(p[:, 2:3]), _weights_error(p[:, 2:3]), 3, 1.0),
-                                       (_np_weights(p[:, [2, 1]]), _weights_error(p[:, [2, 1]]), 0,
-                                        2.0)]), "traced edit_many")
+    jnp.int32(2), jnp.int32(3)
+  )
+  assert_within(
+    many,
+    *_np_edit(
+      z,
+      a,
+      [
+        (_np_weights(p[:, 2:3]), _weights_error(p[:, 2:3]), 3, 1.0),
+        (_np_weights(p[:, [2, 1]]), _weights_error(p[:, [2, 1]]), 0, 2.0),
+      ],
+    ),
+    "traced edit_many",
+  )
 
 
 def test_traced_index_out_of_range_gives_nan():
@@ -188,7 +223,9 @@ def test_traced_index_out_of_range_gives_nan():
   assert np.all(np.isnan(jax.jit(lambda j: editing.rewrite(z, a, j, 0, 1.0))(RC)))
 
 
-@pytest.mark.parametrize("part, appearance, alpha, message", [
+@pytest.mark.parametrize(
+  "part, appearance, alpha, message",
+  [
     (RS, 0, 1.0, "part must be an integer"),
     (-1, 0, 1.0, "part must be an integer"),
     ([0, 0], 0, 1.0, "repeated"),
@@ -206,7 +243,8 @@ def test_traced_index_out_of_range_gives_nan():
     (0, np.array([0, 1]), 1.0, "appearance must be one index"),
     (0, 0, float("nan"), "alpha contains"),
     (0, 0, np.ones(N + 1, np.float32), "alpha must be"),
-])
+  ],
+)
 def test_edit_bad_input_raises(part, appearance, alpha, message):
   z, a, p = _random()
   with pytest.raises(ValueError, match=message):
@@ -247,14 +285,17 @@ def _np_rewrite(z, a, j, k, alpha, keep_residual=True):
   alpha64 = np.reshape(np.asarray(alpha, np.float64), (-1, 1, 1))
   zhat, new = _np_coefficients(z, a, j, k, alpha)
   out = z64 + (new - zhat) @ a64.T if keep_residual else new @ a64.T
-  positive = np.maximum(zhat[..., j:j + 1], 0)
-  d_positive = dot_bound(np.abs(z64), np.abs(a64[:, j:j + 1]), C)
+  positive = np.maximum(zhat[..., j : j + 1], 0)
+  d_positive = dot_bound(np.abs(z64), np.abs(a64[:, j : j + 1]), C)
   size = np.abs(alpha64) * np.abs(a64[:, k]) + np.abs(a64[:, j])
   bound = size * (d_positive + gamma(3) * (positive + d_positive))
   if not keep_residual:
     d_coefficients = dot_bound(np.abs(z64), np.abs(a64), C)
-    bound = (bound + dot_bound(np.abs(zhat) + d_coefficients, np.abs(a64).T, r_c)
-             + d_coefficients @ np.abs(a64).T)
+    bound = (
+      bound
+      + dot_bound(np.abs(zhat) + d_coefficients, np.abs(a64).T, r_c)
+      + d_coefficients @ np.abs(a64).T
+    )
   bound = bound + U32 * (np.abs(out) + bound)
   return out.reshape(z.shape), bound.reshape(z.shape)
 
@@ -270,8 +311,11 @@ def _full_basis(seed=0):
 def test_rewrite_matches_numpy(keep_residual):
   for z, a in (_full_basis(), _random(2)[:2]):  # r_c = c and r_c < c
     for j, k, alpha in [(0, 3, 1.0), (3, 1, 0.5), (2, 0, 2.0)]:
-      assert_within(editing.rewrite(z, a, j, k, alpha, keep_residual=keep_residual),
-                    *_np_rewrite(z, a, j, k, alpha, keep_residual), f"rewrite {j}->{k}")
+      assert_within(
+        editing.rewrite(z, a, j, k, alpha, keep_residual=keep_residual),
+        *_np_rewrite(z, a, j, k, alpha, keep_residual),
+        f"rewrite {j}->{k}",
+      )
 
 
 def test_rewrite_forms_agree_for_a_full_orthogonal_basis():
@@ -283,8 +327,11 @@ def test_rewrite_forms_agree_for_a_full_orthogonal_basis():
   _, ours_bound = _np_rewrite(z, a, 1, 3, 1.0)
   a64 = a.astype(np.float64)
   gap = np.abs(z.reshape(-1, C).astype(np.float64) @ (np.eye(C) - a64 @ a64.T)).reshape(z.shape)
-  assert_within(editing.rewrite(z, a, 1, 3, 1.0, keep_residual=False),
-                editing.rewrite(z, a, 1, 3, 1.0), paper_bound + ours_bound + 2 * gap)
+  assert_within(
+    editing.rewrite(z, a, 1, 3, 1.0, keep_residual=False),
+    editing.rewrite(z, a, 1, 3, 1.0),
+    paper_bound + ours_bound + 2 * gap,
+  )
 
 
 def test_rewrite_is_jittable_and_vmaps_over_concepts():
@@ -309,8 +356,11 @@ def test_rewrite_alpha_one_moves_positive_mass():
   zhat, new = _np_coefficients(z, a, j, k, 1.0)
   a64 = a.astype(np.float64)
   float64_error = gamma(2 * C + 2, U64) * (np.abs(out) + np.abs(z.reshape(-1, S, C))) @ np.abs(a64)
-  tolerance = (bound.reshape(-1, S, C) @ np.abs(a64)
-               + np.abs(new - zhat) @ np.abs(a64.T @ a64 - np.eye(C)) + float64_error)
+  tolerance = (
+    bound.reshape(-1, S, C) @ np.abs(a64)
+    + np.abs(new - zhat) @ np.abs(a64.T @ a64 - np.eye(C))
+    + float64_error
+  )
   assert_within(out @ a64, new, tolerance)
   assert np.maximum(zhat[..., j], 0).sum() > 1.0  # Mass did move.
 
@@ -326,9 +376,11 @@ def test_rewrite_low_rank_keeps_residual():
   a64 = a.astype(np.float64)
   projector = np.eye(C) - a64 @ a64.T
   z64 = z.astype(np.float64).reshape(-1, S, C)
-  tolerance = (bound.reshape(-1, S, C) @ np.abs(projector)
-               + np.abs(new - zhat) @ np.abs(a64.T @ projector)
-               + gamma(3 * C, U64) * (np.abs(out) + np.abs(z64)) @ (np.eye(C) + np.abs(a64) @ np.abs(a64.T)))
+  tolerance = (
+    bound.reshape(-1, S, C) @ np.abs(projector)
+    + np.abs(new - zhat) @ np.abs(a64.T @ projector)
+    + gamma(3 * C, U64) * (np.abs(out) + np.abs(z64)) @ (np.eye(C) + np.abs(a64) @ np.abs(a64.T))
+  )
   assert_within(out @ projector, z64 @ projector, tolerance)
 
 
@@ -348,8 +400,11 @@ def _planted_background(seed=0, h=6, w=6):
   a = np.linalg.qr(rng.normal(size=(C, RC)))[0].astype(np.float32)
   ring = np.ones((h, w), np.float32)
   ring[1:-1, 1:-1] = 0
-  z = (3 * ring[None, :, :, None] * a[:, 2] + 3 * (1 - ring)[None, :, :, None] * a[:, 0]
-       + 0.3 * rng.normal(size=(N, h, w, C)))
+  z = (
+    3 * ring[None, :, :, None] * a[:, 2]
+    + 3 * (1 - ring)[None, :, :, None] * a[:, 0]
+    + 0.3 * rng.normal(size=(N, h, w, C))
+  )
   return z.astype(np.float32), a
 
 
@@ -401,32 +456,54 @@ def test_max_normalisation_is_the_former_formula_bit_for_bit():
 
 def test_recipe_cards_record_the_edit_and_format_1_replays_as_made():
   """A format-1 card (before normalisation and refinement were recorded) replays
-  exactly as a format-2 card that records what the library did then: "max" and
-  the translation; a new card records min-max and the ICLR refinement."""
+  exactly as a new card that records what the library did then: "max" and the
+  ungated translation; so does a format-2 card with the translation (recorded
+  before the gate existed); a new card records min-max and the gated translation."""
   gen = generators.load("toyfaces")
   rng = np.random.default_rng(7)
   factors = types.SimpleNamespace(
-      appearances=jnp.asarray(np.linalg.qr(rng.normal(size=(64, 4)))[0], jnp.float32),
-      parts=jnp.asarray(np.maximum(rng.normal(size=(256, 4)), 0) + 0.1, jnp.float32))
-  ids = dict(generator=recipes.generator_identity("toyfaces", gen),
-             factors=recipes.factors_identity(factors, 5))
-  then = recipes.make_card(**ids, part=[0, 2], appearance=1, alpha=30.0, seed=0, seeds=[1],
-                           normalise="max", refined={"method": "register", "k": None, "steps": 0})
+    appearances=jnp.asarray(np.linalg.qr(rng.normal(size=(64, 4)))[0], jnp.float32),
+    parts=jnp.asarray(np.maximum(rng.normal(size=(256, 4)), 0) + 0.1, jnp.float32),
+  )
+  ids = dict(
+    generator=recipes.generator_identity("toyfaces", gen),
+    factors=recipes.factors_identity(factors, 5),
+  )
+  then = recipes.make_card(
+    **ids,
+    part=[0, 2],
+    appearance=1,
+    alpha=30.0,
+    seed=0,
+    seeds=[1],
+    normalise="max",
+    refined={"method": "register", "k": None, "steps": 0, "min_gain": 0.0},
+  )
   old = json.loads(json.dumps(then))
   old["format"] = "panda-jax-recipe/1"
   del old["edit"]["normalise"]
   old["edit"]["refined"] = True
   old["checksum"] = recipes._checksum(old)  # pylint: disable=protected-access
   old = recipes.validate(old)
-  assert recipes.settings(old) == recipes.settings(then) == (
-      "max", {"method": "register", "k": None, "steps": 0})
+  format_2 = json.loads(json.dumps(then))
+  format_2["format"] = "panda-jax-recipe/2"
+  del format_2["edit"]["refined"]["min_gain"]
+  format_2["checksum"] = recipes._checksum(format_2)  # pylint: disable=protected-access
+  format_2 = recipes.validate(format_2)
+  assert (
+    recipes.settings(old)
+    == recipes.settings(then)
+    == recipes.settings(format_2)
+    == ("max", {"method": "register", "k": None, "steps": 0, "min_gain": 0.0})
+  )
   _, from_old, roir_old = recipes.replay(old, gen, factors)
   _, from_then, roir_then = recipes.replay(then, gen, factors)
   np.testing.assert_array_equal(from_old, from_then)
   assert roir_old == roir_then
-  now = recipes.make_card(**ids, part=[0, 2], appearance=1, alpha=30.0, seed=0, seeds=[1],
-                          refined=True)
-  assert now["format"] == "panda-jax-recipe/2"
+  now = recipes.make_card(
+    **ids, part=[0, 2], appearance=1, alpha=30.0, seed=0, seeds=[1], refined=True
+  )
+  assert now["format"] == "panda-jax-recipe/3"
   assert now["edit"]["normalise"] == "minmax" and now["edit"]["refined"] == recipes.REFINE
   _, from_now, _ = recipes.replay(now, gen, factors)
   assert np.abs(from_now - from_old).max() > 0  # parts with no zeros: min-max differs
@@ -434,4 +511,9 @@ def test_recipe_cards_record_the_edit_and_format_1_replays_as_made():
   bad["edit"]["normalise"] = "peak"
   bad["checksum"] = recipes._checksum(bad)  # pylint: disable=protected-access
   with pytest.raises(ValueError, match="normalise must be"):
+    recipes.validate(bad)
+  bad = json.loads(json.dumps(now))
+  bad["edit"]["refined"]["min_gain"] = 2.0
+  bad["checksum"] = recipes._checksum(bad)  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="min_gain in"):
     recipes.validate(bad)

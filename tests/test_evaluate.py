@@ -1,4 +1,5 @@
 """The evaluation launcher: protocol on a small setting, outputs, determinism."""
+
 import json
 import os
 import types
@@ -8,31 +9,55 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import common
 from experiments import evaluate
+from experiments.plumbing import options
+from experiments.plumbing import sampling
 from panda_jax import generators
+from panda_jax.baselines import candidates
 from panda_jax.data import toyfaces
+from panda_jax.data import toyfaces_gan
 
 
 @pytest.fixture(scope="module")
 def labelled_dir(tmp_path_factory):
   """An untrained toy-faces-layout StyleGAN2 (RGB + one label channel per part), 16x16."""
-  from experiments import toy_gan  # pylint: disable=import-outside-toplevel
-  cfg = toy_gan.GanConfig(resolution=16, z_dim=16, w_dim=16, g_channels=(16, 16, 16),
-                          d_channels=(16, 16, 16))
-  raw = toy_gan.init_generator(jax.random.PRNGKey(0), cfg)
-  params = jax.tree.map(np.asarray, toy_gan.stored_params(raw, jnp.zeros((16,)), cfg))
-  return generators.save_converted(str(tmp_path_factory.mktemp("labelled") / "gen"),
-                                   "stylegan2", toy_gan.generator_config(cfg), params)
+  cfg = toyfaces_gan.GanConfig(
+    resolution=16, z_dim=16, w_dim=16, g_channels=(16, 16, 16), d_channels=(16, 16, 16)
+  )
+  raw = toyfaces_gan.init_generator(jax.random.PRNGKey(0), cfg)
+  params = jax.tree.map(np.asarray, toyfaces_gan.stored_params(raw, jnp.zeros((16,)), cfg))
+  return generators.save_converted(
+    str(tmp_path_factory.mktemp("labelled") / "gen"),
+    "stylegan2",
+    toyfaces_gan.generator_config(cfg),
+    params,
+  )
 
 
 def _config(generator, out, **overrides):
-  small = dict(generator=generator, out=str(out), num_samples=16, batch_size=8, num_val=8,
-               num_test=8, steps=5, rank_c=4, ranks_s=["4"], layers=["3"], strengths=["4"],
-               num_directions=2, ganspace_samples=64, score_samples=8, style_candidates=1,
-               knn=["4"], refine_steps=3, threshold=0.0, sensitivity=False)
+  small = dict(
+    generator=generator,
+    out=str(out),
+    num_samples=16,
+    batch_size=8,
+    num_val=8,
+    num_test=8,
+    steps=5,
+    rank_c=4,
+    ranks_s=["4"],
+    layers=["3"],
+    strengths=["4"],
+    num_directions=2,
+    ganspace_samples=64,
+    score_samples=8,
+    style_candidates=1,
+    knn=["4"],
+    refine_steps=3,
+    threshold=0.0,
+    sensitivity=False,
+  )
   small.update(overrides)
-  return common.make_config(evaluate.SPEC, **small)
+  return options.make_config(evaluate.SPEC, **small)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +77,7 @@ def test_results_hold_every_method_roi_and_variant(small_run):
       entry = results["roir"][method][roi]
       assert entry["n"] >= 1 and entry["mean"] >= 0 and entry["std"] >= 0
     assert results["train_seconds"][method] > 0
-  assert set(results["part_iou"]) == {"global", "refined_full", "refined_knn_4",
-                                      "refined_register"}
+  assert set(results["part_iou"]) == {"global", "refined_full", "refined_knn_4", "refined_register"}
   for entry in results["part_iou"].values():
     means = [entry[p]["mean"] for p in toyfaces.PARTS]
     assert all(0 <= m <= 1 for m in means)
@@ -76,7 +100,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(small_run, labelled_dir
   assert again["roir"] == results["roir"] and again["selected"] == results["selected"]
   assert _untimed(again["part_iou"]) == _untimed(results["part_iou"])
   # Another seed draws other samples for the same indices.
-  gen = common.load_generator(labelled_dir)
+  gen = sampling.load_generator(labelled_dir)
   config = evaluate.settings(_config(labelled_dir, tmp_path))
   first = evaluate.make_data(gen, config, np.arange(24, 28))
   np.testing.assert_array_equal(first.rgb, evaluate.make_data(gen, config, np.arange(24, 28)).rgb)
@@ -86,11 +110,16 @@ def test_same_seed_same_numbers_other_seed_other_numbers(small_run, labelled_dir
 
 def _stub(images, masks, deltas):
   """A method whose candidate c adds `deltas[c]` (inside, outside) to the images."""
+
   def prepare(latents):
     idx = np.asarray(latents)
-    return lambda cand: (images[idx] + deltas[cand["c"]][0] * masks[idx][..., None]
-                         + deltas[cand["c"]][1] * (1 - masks[idx][..., None]))
-  return evaluate.Method(prepare, [(dict(c=c), evaluate.ROIS) for c in range(len(deltas))])
+    return lambda cand: (
+      images[idx]
+      + deltas[cand["c"]][0] * masks[idx][..., None]
+      + deltas[cand["c"]][1] * (1 - masks[idx][..., None])
+    )
+
+  return candidates.Method(prepare, [(dict(c=c), evaluate.ROIS) for c in range(len(deltas))])
 
 
 def test_choose_keeps_the_most_local_edit_above_the_threshold():
@@ -122,14 +151,14 @@ def test_choose_keeps_the_most_local_edit_above_the_threshold():
 
 
 def test_per_sample_iou_of_the_matched_part():
-  labels = np.array([[[0, 0, 1, 1]], [[0, 0, 0, 0]]])     # [2, 1, 4]; label 1 absent in sample 2
+  labels = np.array([[[0, 0, 1, 1]], [[0, 0, 0, 0]]])  # [2, 1, 4]; label 1 absent in sample 2
   assigned = np.array([[[0, 1, 1, 1]], [[0, 0, 1, 1]]])
   iou = evaluate.per_sample_iou(assigned, labels, np.array([0, 1]), 2)
   np.testing.assert_allclose(iou, [[0.5, 2 / 3], [0.5, np.nan]])
 
 
 def test_quick_settings_and_box_labels():
-  config = common.make_config(evaluate.SPEC, quick=True, layers=["5", "3"])
+  config = options.make_config(evaluate.SPEC, quick=True, layers=["5", "3"])
   quick = evaluate.settings(config)
   assert quick.layers == [5] and quick.ranks_s == [8] and quick.num_test == 100
   assert quick.sensitivity is False and quick.strengths == [4.0]

@@ -2,6 +2,7 @@
 devices on localhost (gloo collectives) give the factors of 1 process x 4
 devices; killing one of them makes the other exit. Auto-detection of Slurm and
 TPU pods. Subprocesses, since the device count is fixed when JAX starts."""
+
 import os
 import signal
 import socket
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 
 import panda_jax as pj
-from experiments import common
+from experiments.plumbing import distributed
+from experiments.plumbing import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "stylegan2", "network-snapshot.pkl")
@@ -28,9 +30,21 @@ def _free_port() -> int:
 
 
 def _command(generator, out, *extra):
-  return [sys.executable, "-m", "experiments.decompose", f"--generator={generator}",
-          f"--out={out}", "--layer=3", "--num_samples=16", "--batch_size=8", "--rank_c=4",
-          "--rank_s=3", "--steps=5", "--num_show=1", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.decompose",
+    f"--generator={generator}",
+    f"--out={out}",
+    "--layer=3",
+    "--num_samples=16",
+    "--batch_size=8",
+    "--rank_c=4",
+    "--rank_s=3",
+    "--steps=5",
+    "--num_show=1",
+    *extra,
+  ]
 
 
 def _env(devices: int):
@@ -39,17 +53,36 @@ def _env(devices: int):
 
 def test_two_processes_equal_one(tmp_path):
   import converters  # pylint: disable=import-outside-toplevel
+
   generator = str(tmp_path / "gen")
   converters.convert_file(FIXTURE, generator)
   port = _free_port()
-  procs = [subprocess.Popen(
-      _command(generator, tmp_path / "multi", f"--coordinator_address=localhost:{port}",
-               "--num_processes=2", f"--process_id={i}"),
-      cwd=ROOT, env=_env(2), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      _command(
+        generator,
+        tmp_path / "multi",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ),
+      cwd=ROOT,
+      env=_env(2),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
-    single = subprocess.run(_command(generator, tmp_path / "single"), cwd=ROOT, env=_env(4),
-                            capture_output=True, text=True, timeout=TIMEOUT)
+    single = subprocess.run(
+      _command(generator, tmp_path / "single"),
+      cwd=ROOT,
+      env=_env(4),
+      capture_output=True,
+      text=True,
+      timeout=TIMEOUT,
+    )
     errors = [p.communicate(timeout=TIMEOUT)[1] for p in procs]
   finally:
     for p in procs:
@@ -60,8 +93,12 @@ def test_two_processes_equal_one(tmp_path):
   for p, err in zip(procs, errors):
     assert p.returncode == 0, err[-2000:]
   # Only process 0 wrote: one set of outputs, in the shared directory.
-  assert sorted(os.listdir(tmp_path / "multi")) == ["checkpoints", "factors", "metrics.json",
-                                                    "parts.png"]
+  assert sorted(os.listdir(tmp_path / "multi")) == [
+    "checkpoints",
+    "factors",
+    "metrics.json",
+    "parts.png",
+  ]
   multi = pj.load_factors(str(tmp_path / "multi" / "factors"))
   one = pj.load_factors(str(tmp_path / "single" / "factors"))
   rel = lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(y)))
@@ -91,11 +128,23 @@ def test_killed_process_makes_the_other_exit(tmp_path):
   procs = []
   for i, log in enumerate(logs):
     with open(log, "w") as err:
-      procs.append(subprocess.Popen(
-          _command("toyfaces", tmp_path / "out", "--steps=1000000", "--checkpoint_every=1000000",
-                   f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                   f"--process_id={i}"),
-          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err))
+      procs.append(
+        subprocess.Popen(
+          _command(
+            "toyfaces",
+            tmp_path / "out",
+            "--steps=1000000",
+            "--checkpoint_every=1000000",
+            f"--coordinator_address=localhost:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+          ),
+          cwd=ROOT,
+          env=env,
+          stdout=subprocess.DEVNULL,
+          stderr=err,
+        )
+      )
   try:
     _wait_for(logs[0], "PandA", procs[0], TIMEOUT)  # Process 0's progress bar: fitting.
     procs[1].send_signal(signal.SIGKILL)
@@ -117,20 +166,33 @@ def test_killed_process_makes_the_other_exit(tmp_path):
 
 
 def test_detect_cluster():
-  slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "gpu[01-02]", "SLURM_NTASKS": "8",
-           "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
-  assert common.detect_cluster(slurm) == "slurm"
-  assert common.detect_cluster(dict(slurm, SLURM_NTASKS="1")) is None  # One task: one process.
+  slurm = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "gpu[01-02]",
+    "SLURM_NTASKS": "8",
+    "SLURM_PROCID": "5",
+    "SLURM_LOCALID": "1",
+  }
+  assert distributed.detect_cluster(slurm) == "slurm"
+  assert distributed.detect_cluster(dict(slurm, SLURM_NTASKS="1")) is None  # One task: one process.
   batch_shell = {k: v for k, v in slurm.items() if k != "SLURM_STEP_NODELIST"}
-  assert common.detect_cluster(batch_shell) is None  # The sbatch script itself, outside srun.
-  assert common.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
-  assert common.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None  # One-host TPU VM.
-  assert common.detect_cluster({"MEGASCALE_NUM_SLICES": "2"}) == "tpu"
-  assert common.detect_cluster({}) is None
+  assert distributed.detect_cluster(batch_shell) is None  # The sbatch script itself, outside srun.
+  assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"}) == "tpu"
+  assert (
+    distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+  )  # One-host TPU VM.
+  assert distributed.detect_cluster({"MEGASCALE_NUM_SLICES": "2"}) == "tpu"
+  assert distributed.detect_cluster({}) is None
   # Nothing detected and no flags: no distributed runtime, whatever the rest says.
-  config = common.make_config(common.spec(*common.DISTRIBUTED))
-  assert common.initialize_distributed(config, {"SLURM_NTASKS": "4"}) is None
+  config = options.make_config(options.spec(*options.DISTRIBUTED))
+  assert distributed.initialize_distributed(config, {"SLURM_NTASKS": "4"}) is None
   with pytest.raises(ValueError, match="PANDA_HEARTBEAT_TIMEOUT_S"):
-    common.initialize_distributed(
-        common.make_config(common.spec(*common.DISTRIBUTED), coordinator_address="localhost:1",
-                           num_processes=1, process_id=0), {"PANDA_HEARTBEAT_TIMEOUT_S": "0"})
+    distributed.initialize_distributed(
+      options.make_config(
+        options.spec(*options.DISTRIBUTED),
+        coordinator_address="localhost:1",
+        num_processes=1,
+        process_id=0,
+      ),
+      {"PANDA_HEARTBEAT_TIMEOUT_S": "0"},
+    )

@@ -10,6 +10,7 @@ Skips (saying why) without the `demo` extra or without /usr/bin/chromium
 (`apt-get install chromium`; `.ci/run` installs both). Set PANDA_SCREENSHOT=PATH
 to keep the page's screenshot.
 """
+
 import io
 import json
 import os
@@ -35,13 +36,13 @@ if not os.path.exists(CHROMIUM):
 # pylint: disable=wrong-import-position
 from PIL import Image  # noqa: E402  (a gradio dependency)
 
-from experiments import common  # noqa: E402
 from experiments import decompose  # noqa: E402
-from experiments import explore  # noqa: E402
-from experiments import real_images  # noqa: E402
+from experiments.plumbing import options  # noqa: E402
+from experiments.plumbing import real_images  # noqa: E402
 import panda_jax as pj  # noqa: E402
 from panda_jax import generators  # noqa: E402
 from panda_jax import recipes  # noqa: E402
+from panda_jax import viz  # noqa: E402
 
 
 def _free_port() -> int:
@@ -59,9 +60,18 @@ def setup(converted, tmp_path_factory):
   run = converted("stylegan2/network-snapshot.pkl")
   assert run.returncode == 0, run.stderr
   out = tmp_path_factory.mktemp("explore")
-  config = common.make_config(decompose.SPEC, generator=str(run.dst), layer=LAYER, rank_c=8,
-                              rank_s=6, steps=30, num_samples=32, batch_size=32,
-                              out=str(out / "decompose"), num_show=2)
+  config = options.make_config(
+    decompose.SPEC,
+    generator=str(run.dst),
+    layer=LAYER,
+    rank_c=8,
+    rank_s=6,
+    steps=30,
+    num_samples=32,
+    batch_size=32,
+    out=str(out / "decompose"),
+    num_show=2,
+  )
   decompose.run(config)
   return str(run.dst), str(out / "decompose"), out
 
@@ -73,9 +83,23 @@ def server(setup):
   start = time.time()
   log = open(out / "explore.log", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.explore", f"--generator={generator}",
-       f"--factors={factors}", f"--port={port}", f"--recipes_dir={out / 'recipes'}",
-       "--num_rank=16", "--inversion_steps=10", "--feature_steps=5"], cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    [
+      sys.executable,
+      "-m",
+      "experiments.explore",
+      f"--generator={generator}",
+      f"--factors={factors}",
+      f"--port={port}",
+      f"--recipes_dir={out / 'recipes'}",
+      "--num_rank=16",
+      "--inversion_steps=10",
+      "--feature_steps=5",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   url = f"http://127.0.0.1:{port}/"
   try:
     while True:
@@ -102,8 +126,10 @@ def _png(page, locator) -> np.ndarray:
 def _compact_part(gen, factors, layer):
   """The part whose region on seed 0 is smallest but not empty, and that region `[H, W]`."""
   one = recipes.sample(gen, layer, 0, 0)
-  regions = [recipes.region(k, factors.parts, one.features, one.image.shape[1:3])[0]
-             for k in range(factors.parts.shape[1])]
+  regions = [
+    recipes.region(k, factors.parts, one.features, one.image.shape[1:3])[0]
+    for k in range(factors.parts.shape[1])
+  ]
   areas = [r.mean() if r.mean() >= 0.03 else np.inf for r in regions]
   k = int(np.argmin(areas))
   return k, regions[k]
@@ -118,13 +144,24 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
 
   # JAX runs before the browser starts (never inside Playwright's greenlet-driven context).
   upload_path = out / "mine.png"
-  real_images.write_png(str(upload_path), np.asarray(gen.generate(gen.latents(
-      np.ones((1, gen.z_dim), np.float32))))[0, ..., :3])
+  real_images.write_png(
+    str(upload_path),
+    np.asarray(gen.generate(gen.latents(np.ones((1, gen.z_dim), np.float32))))[0, ..., :3],
+  )
 
   with sync_api.sync_playwright() as p:
-    browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run"])
+    browser = p.chromium.launch(
+      executable_path=CHROMIUM,
+      headless=True,
+      args=[
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+      ],
+    )
     try:
       page = browser.new_page(viewport={"width": 1400, "height": 1300})
       page.goto(url)
@@ -138,8 +175,8 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
       t0 = time.time()
       box.press("Enter")
       page.wait_for_function(
-          "src => document.querySelector('#edited img').getAttribute('src') !== src",
-          arg=before_src)
+        "src => document.querySelector('#edited img').getAttribute('src') !== src", arg=before_src
+      )
       update = time.time() - t0
       original, edited = _png(page, "#original img"), _png(page, "#edited img")
       page.locator("#save").click()
@@ -148,47 +185,72 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
       # Upload a PNG: it is inverted and shown as sample -1; its card names the image.
       sample_src = page.locator("#original img").get_attribute("src")
       page.locator("#upload input[type=file]").set_input_files(str(upload_path))
-      page.wait_for_function("document.querySelector('#seed input').value === '-1'",
-                             timeout=120_000)
       page.wait_for_function(
-          "src => document.querySelector('#original img').getAttribute('src') !== src",
-          arg=sample_src, timeout=60_000)
+        "document.querySelector('#seed input').value === '-1'", timeout=120_000
+      )
       page.wait_for_function(
-          "src => document.querySelector('#edited img').getAttribute('src') !== "
-          "document.querySelector('#original img').getAttribute('src')", arg=None)
+        "src => document.querySelector('#original img').getAttribute('src') !== src",
+        arg=sample_src,
+        timeout=60_000,
+      )
+      page.wait_for_function(
+        "src => document.querySelector('#edited img').getAttribute('src') !== "
+        "document.querySelector('#original img').getAttribute('src')",
+        arg=None,
+      )
       uploaded_edit = _png(page, "#edited img")
       previous_card = card_path
       page.locator("#save").click()
       page.wait_for_function(
-          "old => { const v = document.querySelector('#recipe_path textarea').value;"
-          " return v.length > 0 && v !== old; }", arg=previous_card)
+        "old => { const v = document.querySelector('#recipe_path textarea').value;"
+        " return v.length > 0 && v !== old; }",
+        arg=previous_card,
+      )
       image_card_path = page.locator("#recipe_path textarea").input_value()
       if os.environ.get("PANDA_SCREENSHOT"):
         page.screenshot(path=os.environ["PANDA_SCREENSHOT"], full_page=True)
     finally:
       browser.close()
-  print(f"first page ready {ready:.1f} s after start; slider update {update * 1000:.0f} ms "
-        "in the browser")
+  print(
+    f"first page ready {ready:.1f} s after start; slider update {update * 1000:.0f} ms "
+    "in the browser"
+  )
 
   # The displayed edit is local: the part's pixels change much more than the rest.
   factor = edited.shape[0] // region.shape[0]
   inside = np.repeat(np.repeat(region, factor, 0), factor, 1) > 0
   change = np.abs(edited.astype(np.float32) - original).mean(-1)
   assert change[inside].mean() > 4 * change[~inside].mean(), (
-      change[inside].mean(), change[~inside].mean())
+    change[inside].mean(),
+    change[~inside].mean(),
+  )
 
   # The saved card names this edit, and replays from the command line to the same pixels.
   card = recipes.load(card_path)
   assert card["edit"]["part"] == [k] and card["samples"]["seeds"] == [0]
   replay_out = out / "replay"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.edit", f"--recipe={card_path}", "--seeds=0",
-       f"--generator={generator}", f"--factors={factors_dir}", f"--out={replay_out}"],
-      cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "experiments.edit",
+      f"--recipe={card_path}",
+      "--seeds=0",
+      f"--generator={generator}",
+      f"--factors={factors_dir}",
+      f"--out={replay_out}",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(replay_out / "replay.npz") as f:
-    np.testing.assert_array_equal(explore.display(f["edited"][:1]), edited)
-    np.testing.assert_array_equal(explore.display(f["originals"][:1]), original)
+    np.testing.assert_array_equal(viz.display(f["edited"][:1]), edited)
+    np.testing.assert_array_equal(viz.display(f["originals"][:1]), original)
   metrics = json.loads((replay_out / "metrics.json").read_text())
   assert metrics["roir_mean"] == card["roir"]["mean"]
 
@@ -198,11 +260,23 @@ def test_pick_part_move_slider_save_and_replay(setup, server):
   assert image_card["samples"]["image"]["inversion"]["steps"] == 10
   image_out = out / "replay_image"
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.edit", f"--recipe={image_card_path}",
-       f"--image={upload_path}", f"--generator={generator}", f"--factors={factors_dir}",
-       f"--out={image_out}"], cwd=ROOT, env=_env(), capture_output=True, text=True,
-      timeout=300, check=False)
+    [
+      sys.executable,
+      "-m",
+      "experiments.edit",
+      f"--recipe={image_card_path}",
+      f"--image={upload_path}",
+      f"--generator={generator}",
+      f"--factors={factors_dir}",
+      f"--out={image_out}",
+    ],
+    cwd=ROOT,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(image_out / "replay.npz") as f:
-    np.testing.assert_array_equal(explore.display(f["edited"][:1]), uploaded_edit)
-
+    np.testing.assert_array_equal(viz.display(f["edited"][:1]), uploaded_edit)

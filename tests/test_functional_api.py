@@ -8,6 +8,7 @@ arithmetic is bounded by the effect of float32 rounding on the same computation
 (`conftest.assert_float64_runs_agree`, a margin of u32 / u64 = 2^29); where the
 two sides are the same compiled function on the same array, equality is exact.
 """
+
 import json
 import os
 import subprocess
@@ -26,15 +27,17 @@ from panda_jax.data import synthetic
 
 def _setup(dtype=jnp.float64, **init_kw):
   """Features `[16, 8, 8, 16]` and a state from one device."""
-  features = synthetic.planted(jax.random.PRNGKey(0), num_samples=16, channels=16,
-                               noise=0.1).features.astype(dtype)
+  features = synthetic.planted(
+    jax.random.PRNGKey(0), num_samples=16, channels=16, noise=0.1
+  ).features.astype(dtype)
   return features, pj.init(features, 6, 4, key=jax.random.PRNGKey(1), **init_kw)
 
 
 def _assert_states_agree(actual, expected, float32, what):
   for field in ("appearances", "parts", "step_size_parts", "step_size_appearances"):
-    assert_float64_runs_agree(getattr(actual, field), getattr(expected, field),
-                              getattr(float32, field), f"{what}: {field}")
+    assert_float64_runs_agree(
+      getattr(actual, field), getattr(expected, field), getattr(float32, field), f"{what}: {field}"
+    )
   assert int(actual.step) == int(expected.step)
 
 
@@ -49,19 +52,23 @@ def test_blocks_compose_to_update(method):
     def blocks(state, features):
       start = pj.loss(features, state.appearances, state.parts)
       state, parts_out = pj.parts_step(state, features, config)
-      with_projection, out = pj.appearances_step(state, None, config,
-                                                 projection=parts_out.projection)
+      with_projection, out = pj.appearances_step(
+        state, None, config, projection=parts_out.projection
+      )
       with_batch, _ = pj.appearances_step(state, features, config)
       loss = start + parts_out.loss_change + out.loss_change
       return with_projection._replace(step=with_projection.step + 1), with_batch, loss
 
     (mine, with_batch, loss), (mine32, _, loss32) = [
-        blocks(*args) for args in [(state, features), to_float32((state, features))]]
-    (theirs, metrics), _ = [pj.update(*args, config)
-                            for args in [(state, features), to_float32((state, features))]]
+      blocks(*args) for args in [(state, features), to_float32((state, features))]
+    ]
+    (theirs, metrics), _ = [
+      pj.update(*args, config) for args in [(state, features), to_float32((state, features))]
+    ]
   _assert_states_agree(mine, theirs, mine32, "blocks vs update")
-  _assert_states_agree(with_batch._replace(step=with_batch.step + 1), theirs, mine32,
-                       "A step from the batch")
+  _assert_states_agree(
+    with_batch._replace(step=with_batch.step + 1), theirs, mine32, "A step from the batch"
+  )
   assert_float64_runs_agree(loss, metrics["loss"], loss32, "loss")
   assert int(mine.step) == 1 and np.min(np.asarray(mine.parts)) >= 0
 
@@ -79,8 +86,14 @@ def test_run_steps_is_repeated_update_and_continues_its_record():
         looped_losses.append(metrics["loss"])
       half, first = pj.run_steps(st, b, 3)
       half, second = pj.run_steps(half, b, 3, loss=first[-1])
-      runs[name] = (scanned, losses, looped, jnp.stack(looped_losses), half,
-                    jnp.concatenate([first, second]))
+      runs[name] = (
+        scanned,
+        losses,
+        looped,
+        jnp.stack(looped_losses),
+        half,
+        jnp.concatenate([first, second]),
+      )
   scanned, losses, looped, looped_losses, half, halves = runs["f64"]
   scanned32, losses32 = runs["f32"][:2]
   _assert_states_agree(looped, scanned, scanned32, "update loop vs run_steps")
@@ -187,10 +200,10 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_callers_pmap_and_shard_map_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
-                        env=env, cwd=ROOT, timeout=900)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["kmeans_equal"]

@@ -4,6 +4,7 @@ The helpers compose, eagerly, the very functions the tests call on the same
 arrays: the same floats, compared without tolerance. A streamed statistic is
 compared with float64 under its rounding bound (tests/_bounds.py).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ class FakeGenerator:
   """`split` maps z to `[n, H, W, C]` features; `resume` colours each feature
   cell independently and upsamples it to a `UP x UP` pixel block, so an edit of
   one cell changes exactly its block of pixels."""
+
   num_layers = 2
 
   def __init__(self, key, z_dim=5, c_dim=0):
@@ -92,13 +94,13 @@ def test_masked_edit_is_local_in_the_image():
   cells = np.zeros((H, W), np.float32)
   cells[1:3, 0:2] = 1
   roi = np.kron(cells, np.ones((UP, UP), np.float32))  # the mask at image size
-  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p,
-                                                [(roi, 2, 3.0)])
+  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p, [(roi, 2, 3.0)])
   mean, std = metrics.roir(originals, edited, np.stack([roi] * 3))
   assert float(mean) == 0.0 and float(std) == 0.0
   leaky = np.clip(roi + np.kron(np.eye(H, W), np.ones((UP, UP))), 0, 1)
-  originals, edited = generator_ops.edit_images(gen, latents, 1, a, p,
-                                                [(leaky.astype(np.float32), 2, 3.0)])
+  originals, edited = generator_ops.edit_images(
+    gen, latents, 1, a, p, [(leaky.astype(np.float32), 2, 3.0)]
+  )
   assert float(metrics.roir(originals, edited, roi)[0]) > 0.1
 
 
@@ -107,23 +109,22 @@ def test_rewrite_and_remove_images():
   x, carry = gen.split(latents, 1)
   originals, rewritten = generator_ops.rewrite_images(gen, latents, 1, a, 0, 2, 1.0)
   np.testing.assert_array_equal(
-      rewritten, gen.resume(editing.rewrite(x, a, 0, 2, 1.0), carry, latents, 1))
+    rewritten, gen.resume(editing.rewrite(x, a, 0, 2, 1.0), carry, latents, 1)
+  )
   np.testing.assert_array_equal(originals, gen.generate(latents))
-  originals, removed, b = generator_ops.remove_object_images(
-      gen, latents, 1, a, p, [0, 1], 5.0)
+  originals, removed, b = generator_ops.remove_object_images(gen, latents, 1, a, p, [0, 1], 5.0)
   k, _ = editing.propose_background(x, a)
   assert int(b) == int(k)
   np.testing.assert_array_equal(
-      removed, gen.resume(editing.edit(x, a, p, [0, 1], int(k), 5.0), carry, latents, 1))
-  _, _, b = generator_ops.remove_object_images(gen, latents, 1, a, p, 0, 5.0,
-                                               background=1)
+    removed, gen.resume(editing.edit(x, a, p, [0, 1], int(k), 5.0), carry, latents, 1)
+  )
+  _, _, b = generator_ops.remove_object_images(gen, latents, 1, a, p, 0, 5.0, background=1)
   assert b == 1
 
 
 def test_saliency_images():
   gen, latents, a, _ = _setup(3)
-  images, maps, upsampled = generator_ops.saliency_images(gen, latents, 1, a,
-                                                          method="nearest")
+  images, maps, upsampled = generator_ops.saliency_images(gen, latents, 1, a, method="nearest")
   x, _ = gen.split(latents, 1)
   np.testing.assert_array_equal(maps, interpret.saliency(x, a))
   assert images.shape == (3, UP * H, UP * W, 3)
@@ -135,21 +136,23 @@ def test_sampling_is_per_index_and_streams_agree():
   gen, _, a, _ = _setup(4)
   key = jax.random.PRNGKey(7)
   all_latents = generator_ops.sample_latents(gen, key, np.arange(10))
-  np.testing.assert_array_equal(generator_ops.sample_latents(gen, key, [7, 3]),
-                             all_latents[np.array([7, 3])])
+  np.testing.assert_array_equal(
+    generator_ops.sample_latents(gen, key, [7, 3]), all_latents[np.array([7, 3])]
+  )
   x, _ = gen.split(all_latents, 1)
-  mu = generator_ops.concept_means_sampled(gen, key, 1, a, num_samples=10,
-                                           batch_size=4)
+  mu = generator_ops.concept_means_sampled(gen, key, 1, a, num_samples=10, batch_size=4)
   # Against float64: the saliency entries are dots of length c, each batch mean sums
   # 4 S of them, and each of the 3 running-mean updates rounds 4 times (about |m|):
   # gamma(c + 4 S + 1 + 3 * 8) of the largest |x| . |a_k|.
   x64, a64 = np.asarray(x, np.float64).reshape(10, S, C), np.asarray(a, np.float64)
-  assert_within(mu, (x64 @ a64).mean((0, 1)),
-                gamma(C + 4 * S + 1 + 3 * 8) * (np.abs(x64) @ np.abs(a64)).max((0, 1)),
-                "concept means")
+  assert_within(
+    mu,
+    (x64 @ a64).mean((0, 1)),
+    gamma(C + 4 * S + 1 + 3 * 8) * (np.abs(x64) @ np.abs(a64)).max((0, 1)),
+    "concept means",
+  )
   part = np.ones(S, np.float32)
-  ranking = generator_ops.rank_sampled(gen, key, 1, a, 1, part, k=3, num_samples=10,
-                                       batch_size=3)
+  ranking = generator_ops.rank_sampled(gen, key, 1, a, 1, part, k=3, num_samples=10, batch_size=3)
   scores = np.asarray(interpret.rank(x, a, 1, part))
   np.testing.assert_array_equal(ranking.top_index, np.argsort(-scores)[:3])
   np.testing.assert_array_equal(ranking.bottom_index, np.argsort(scores)[:3])
@@ -175,6 +178,6 @@ def test_feature_sampler_draws_the_stream_from_its_params():
 def test_conditional_sampling_draws_one_hot_classes():
   gen, _, _, _ = _setup(5, c_dim=4)
   latents = generator_ops.sample_latents(gen, jax.random.PRNGKey(0), np.arange(12))
-  classes = np.asarray(latents[:, gen.z_dim:])
+  classes = np.asarray(latents[:, gen.z_dim :])
   np.testing.assert_array_equal(classes.sum(1), np.ones(12))
   assert len(set(classes.argmax(1).tolist())) > 1

@@ -1,5 +1,6 @@
 """The generator contract: registry, layer checks, converted-checkpoint directories,
 and the invariants every family's converted fixture must satisfy."""
+
 import json
 import os
 import subprocess
@@ -16,8 +17,9 @@ from panda_jax.generators import base
 from panda_jax.generators import layers as layers_lib
 from panda_jax.generators import stylegan2
 
-CONFIG = dict(z_dim=4, c_dim=0, w_dim=4, img_resolution=8, img_channels=3,
-              channels=[8, 4], mapping_layers=1)
+CONFIG = dict(
+  z_dim=4, c_dim=0, w_dim=4, img_resolution=8, img_channels=3, channels=[8, 4], mapping_layers=1
+)
 
 
 def _params(seed=0):
@@ -36,15 +38,18 @@ def test_save_then_load_round_trips(tmp_path):
   with open(os.path.join(dst, "config.json")) as f:
     assert json.load(f)["arch"] == "stylegan2"
   lat = gen.latents(np.ones((1, 4)))
-  np.testing.assert_array_equal(gen.generate(lat),
-                                stylegan2.StyleGAN2(CONFIG, params).generate(lat))
+  np.testing.assert_array_equal(
+    gen.generate(lat), stylegan2.StyleGAN2(CONFIG, params).generate(lat)
+  )
 
 
 def test_loading_needs_neither_converters_nor_torch(tmp_path):
   dst = base.save_converted(tmp_path / "g", "stylegan2", CONFIG, _params())
-  code = (f"import sys; from panda_jax import generators; generators.load({dst!r}); "
-          "bad = [m for m in sys.modules if m.split('.')[0] in ('converters', 'torch')]; "
-          "assert not bad, bad")
+  code = (
+    f"import sys; from panda_jax import generators; generators.load({dst!r}); "
+    "bad = [m for m in sys.modules if m.split('.')[0] in ('converters', 'torch')]; "
+    "assert not bad, bad"
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
 
@@ -61,11 +66,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
   assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(config={"arch": "x"}), "reserved keys"),
     (dict(params={"a.b": np.zeros(2)}), "without '.' or '/'"),
     (dict(params={"a": [np.zeros(2)]}), "no lists"),
-])
+  ],
+)
 def test_save_refuses_bad_input(kwargs, match, tmp_path):
   args = dict(dst=tmp_path / "g", arch="stylegan2", config=CONFIG, params=_params())
   args.update(kwargs)
@@ -128,8 +136,13 @@ def test_resume_of_split_is_generate_for_every_family_and_layer(family, fixture_
   assert np.isfinite(img).all() and np.abs(img).max() > 0
   for layer in gen.layers:
     x, carry = gen.split(lat, layer)
-    np.testing.assert_allclose(gen.resume(x, carry, lat, layer), img, rtol=0,
-                               atol=1e-5 * np.abs(img).max(), err_msg=f"layer {layer}")
+    np.testing.assert_allclose(
+      gen.resume(x, carry, lat, layer),
+      img,
+      rtol=0,
+      atol=1e-5 * np.abs(img).max(),
+      err_msg=f"layer {layer}",
+    )
 
 
 def _products(jaxpr):
@@ -152,7 +165,8 @@ def test_every_product_runs_in_float32_precision(family, fixture_generator):
   gen = fixture_generator(family)
   c = np.eye(gen.c_dim, dtype=np.float32)[:1] if gen.c_dim else None
   jaxpr = jax.make_jaxpr(lambda z: gen.generate(gen.latents(z, c)))(
-      np.zeros((1, gen.z_dim), np.float32))
+    np.zeros((1, gen.z_dim), np.float32)
+  )
   products = list(_products(jaxpr.jaxpr))
   assert len(products) >= gen.num_layers
   highest = (layers_lib.PRECISION, layers_lib.PRECISION)
@@ -161,9 +175,17 @@ def test_every_product_runs_in_float32_precision(family, fixture_generator):
 
 
 @pytest.mark.parametrize("taps", [(1, 3, 3, 1), (1, 2, 1), ((0.2, 0.5, 0.1), (0.3, 0.3, 0.9))])
-@pytest.mark.parametrize("up,down,padding", [
-    (1, 1, (1, 1, 1, 1)), (2, 1, (2, 1, 2, 1)), (1, 2, (1, 1, 1, 1)),
-    (2, 2, (1, 2, 0, 3)), (1, 1, (-1, 2, 0, -1)), (4, 1, (3, 2, 3, 2))])
+@pytest.mark.parametrize(
+  "up,down,padding",
+  [
+    (1, 1, (1, 1, 1, 1)),
+    (2, 1, (2, 1, 2, 1)),
+    (1, 2, (1, 1, 1, 1)),
+    (2, 2, (1, 2, 0, 3)),
+    (1, 1, (-1, 2, 0, -1)),
+    (4, 1, (3, 2, 3, 2)),
+  ],
+)
 def test_upfirdn2d_both_paths_equal_float64_reference(taps, up, down, padding):
   """Separable filters take the polyphase path, others the depthwise conv; both equal
   NVIDIA's reference (float64 transcription) to float32 rounding: each output sums
@@ -179,20 +201,34 @@ def test_upfirdn2d_both_paths_equal_float64_reference(taps, up, down, padding):
     assert layers_lib.separable_taps(f) is not None
   x = np.random.default_rng(0).uniform(-1, 1, (2, 7, 6, 3)).astype(np.float32)
   gain = float(up * up)
-  out = np.asarray(layers_lib.upfirdn2d(jax.numpy.asarray(x), f, up=up, down=down,
-                                         padding=padding, gain=gain))
-  ref = np_upfirdn2d(np.transpose(x, (0, 3, 1, 2)).astype(np.float64), f.astype(np.float64),
-                     up=up, down=down, padding=padding, gain=gain)
+  out = np.asarray(
+    layers_lib.upfirdn2d(jax.numpy.asarray(x), f, up=up, down=down, padding=padding, gain=gain)
+  )
+  ref = np_upfirdn2d(
+    np.transpose(x, (0, 3, 1, 2)).astype(np.float64),
+    f.astype(np.float64),
+    up=up,
+    down=down,
+    padding=padding,
+    gain=gain,
+  )
   ref = np.transpose(ref, (0, 2, 3, 1))
   assert out.shape == ref.shape
   n = 2 * f.size
-  bound = n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * gain * np.abs(f).sum()
+  bound = n * 2.0**-24 / (1 - n * 2.0**-24) * gain * np.abs(f).sum()
   np.testing.assert_allclose(out, ref, rtol=0, atol=bound)
 
 
-@pytest.mark.parametrize("up,kernel,padding", [
-    (2, (4, 4), ((2, 2), (2, 2))), (2, (3, 3), ((1, 1), (2, 0))), (2, (1, 2), ((0, 3), (1, 1))),
-    (3, (4, 3), ((2, 0), (0, 2))), (4, (3, 3), ((0, 0), (4, 1)))])
+@pytest.mark.parametrize(
+  "up,kernel,padding",
+  [
+    (2, (4, 4), ((2, 2), (2, 2))),
+    (2, (3, 3), ((1, 1), (2, 0))),
+    (2, (1, 2), ((0, 3), (1, 1))),
+    (3, (4, 3), ((2, 0), (0, 2))),
+    (4, (3, 3), ((0, 0), (4, 1))),
+  ],
+)
 def test_upsampling_correlation_equals_the_dilated_convolution(up, kernel, padding):
   """The sub-pixel form against XLA's `lhs_dilation` on float64 inputs: the same
   products summed in another order, so equal to a few float64 ulps."""
@@ -200,8 +236,9 @@ def test_upsampling_correlation_equals_the_dilated_convolution(up, kernel, paddi
   x = rng.standard_normal((2, 5, 6, 3))
   k = rng.standard_normal(kernel + (3, 4))
   with jax.enable_x64(True):
-    ref = jax.lax.conv_general_dilated(x, k, (1, 1), padding, lhs_dilation=(up, up),
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = jax.lax.conv_general_dilated(
+      x, k, (1, 1), padding, lhs_dilation=(up, up), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     got = layers_lib.upsampling_correlation(jax.numpy.asarray(x), jax.numpy.asarray(k), up, padding)
     assert got.dtype == np.float64
   assert got.shape == ref.shape

@@ -14,6 +14,7 @@ By default one chain runs (killed inside a commit, resumed and stopped by
 SIGTERM: 2 processes; then resumed to the end here); `PANDA_HARD_STOPS=full`
 runs the whole matrix, each case from scratch.
 """
+
 import json
 import os
 import signal
@@ -55,7 +56,9 @@ if kill != "none":
 """
 
 # Runs `pj.fit` with a stop on SIGTERM/SIGINT; argv: KILL CHECKPOINT_DIR.
-_CHILD = _KILLER + f"""
+_CHILD = (
+  _KILLER
+  + f"""
 import json, threading
 import numpy as np
 ckpt = sys.argv[1]
@@ -74,11 +77,17 @@ np.savez(ckpt + ".npz", appearances=np.asarray(f.appearances), parts=np.asarray(
          history=f.loss_history)
 print(json.dumps(dict(steps=f.steps)), flush=True)
 """
+)
 
 
 def _start(ckpt, kill="none"):
-  return subprocess.Popen([sys.executable, "-c", _CHILD, kill, str(ckpt)], cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", _CHILD, kill, str(ckpt)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _finish(proc, timeout=120):
@@ -106,11 +115,20 @@ def _wait_for_step(ckpt, proc, timeout=120):
 
 def _fit_here(ckpt) -> dict:
   """The child's run, in this process (the same numbers as in a child)."""
-  f = pj.fit(np.random.default_rng(0).standard_normal((8, 36, 12)).astype(np.float32), 5, 4,
-             steps=STEPS, key=jax.random.PRNGKey(1), checkpoint_dir=str(ckpt),
-             checkpoint_every=EVERY, chunk_size=EVERY, progress=False)
-  return dict(appearances=np.asarray(f.appearances), parts=np.asarray(f.parts),
-              history=f.loss_history)
+  f = pj.fit(
+    np.random.default_rng(0).standard_normal((8, 36, 12)).astype(np.float32),
+    5,
+    4,
+    steps=STEPS,
+    key=jax.random.PRNGKey(1),
+    checkpoint_dir=str(ckpt),
+    checkpoint_every=EVERY,
+    chunk_size=EVERY,
+    progress=False,
+  )
+  return dict(
+    appearances=np.asarray(f.appearances), parts=np.asarray(f.parts), history=f.loss_history
+  )
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +171,7 @@ def _assert_identical(ckpt, reference):
 
 
 @full_only
-@pytest.mark.parametrize("kill", ["finalize:1", "finalize:2", "finalize:8", "rename:1",
-                                  "rename:3"])
+@pytest.mark.parametrize("kill", ["finalize:1", "finalize:2", "finalize:8", "rename:1", "rename:3"])
 def test_sigkill_inside_a_checkpoint_commit(kill, reference, tmp_path):
   """Killed while committing checkpoint k: steps k-1's checkpoint is the resume point."""
   ckpt = tmp_path / "ckpt"
@@ -171,8 +188,9 @@ def test_sigkill_inside_a_checkpoint_commit(kill, reference, tmp_path):
 
 
 @full_only
-@pytest.mark.parametrize("when", ["between_steps", "at_start_0.5", "at_start_2",
-                                  "at_start_4", "at_start_6"])
+@pytest.mark.parametrize(
+  "when", ["between_steps", "at_start_0.5", "at_start_2", "at_start_4", "at_start_6"]
+)
 def test_sigkill_from_outside(when, reference, tmp_path):
   ckpt = tmp_path / "ckpt"
   proc = _start(ckpt)
@@ -212,19 +230,34 @@ def test_sigterm_checkpoints_and_exits_0(sig, reference, tmp_path):
 # The same stops of `python -m experiments.decompose` (full matrix only: each
 # run costs a generator, feature extraction and a figure).
 
-_DECOMPOSE = _KILLER + """
+_DECOMPOSE = (
+  _KILLER
+  + """
 import runpy
 sys.argv[0] = "decompose"
 runpy.run_module("experiments.decompose", run_name="__main__", alter_sys=True)
 """
-_FLAGS = ["--layer=3", "--num_samples=16", "--batch_size=8", "--rank_c=4", "--rank_s=3",
-          "--steps=12", "--checkpoint_every=2", "--num_show=1"]
+)
+_FLAGS = [
+  "--layer=3",
+  "--num_samples=16",
+  "--batch_size=8",
+  "--rank_c=4",
+  "--rank_s=3",
+  "--steps=12",
+  "--checkpoint_every=2",
+  "--num_show=1",
+]
 
 
 def _decompose(generator, out, kill="none"):
-  return subprocess.Popen([sys.executable, "-c", _DECOMPOSE, kill, f"--generator={generator}",
-                           f"--out={out}", *_FLAGS], cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    [sys.executable, "-c", _DECOMPOSE, kill, f"--generator={generator}", f"--out={out}", *_FLAGS],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +278,10 @@ def _assert_same_factors(out, reference):
 
 
 @full_only
-@pytest.mark.parametrize("stop", ["finalize:1", "finalize:3", "rename:2", "between_steps",
-                                  "at_start_3", "SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+  "stop",
+  ["finalize:1", "finalize:3", "rename:2", "between_steps", "at_start_3", "SIGTERM", "SIGINT"],
+)
 def test_decompose_stopped_then_rerun(stop, decompose_reference, tmp_path):
   generator, reference = decompose_reference
   out = tmp_path / "out"

@@ -2,6 +2,7 @@
 
 Tolerances are the float32 rounding bounds of each formula (tests/_bounds.py).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,8 +42,10 @@ def _rank_reference(z, a, j, part=None):
   m = _np_saliency(z, a)[:, :, j]
   e = _saliency_bound(z, a)[:, :, j]
   p = np.ones(S) if part is None else np.reshape(np.asarray(part, np.float64), (-1, S))
-  return (np.sum(m * p, axis=1),
-          np.sum(e * np.abs(p), axis=1) + gamma(S) * np.sum((np.abs(m) + e) * np.abs(p), axis=1))
+  return (
+    np.sum(m * p, axis=1),
+    np.sum(e * np.abs(p), axis=1) + gamma(S) * np.sum((np.abs(m) + e) * np.abs(p), axis=1),
+  )
 
 
 def test_saliency_matches_numpy_for_both_layouts():
@@ -58,16 +61,18 @@ def test_upsample_saliency():
   z, a = _random()
   maps = interpret.saliency(z, a)
   nearest = interpret.upsample_saliency(maps, (H, W), (3 * H, 3 * W), "nearest")
-  blocks = np.kron(np.asarray(maps).reshape(N, H, W, RC),
-                   np.ones((1, 3, 3, 1), np.float32))
+  blocks = np.kron(np.asarray(maps).reshape(N, H, W, RC), np.ones((1, 3, 3, 1), np.float32))
   np.testing.assert_array_equal(nearest, blocks)  # Nearest copies values: exact.
   # Bilinear of a constant: each of the two separable passes is a weighted sum
   # over at most 4 input positions of weights normalised to sum 1 (a sum of 4
   # and a division: gamma(5), then the weighted sum: gamma(4)), so the constant
   # comes back within gamma(9) per pass: 1.5 gamma(18) for both.
   flat = jnp.full((1, S, 2), 1.5)
-  assert_within(interpret.upsample_saliency(flat, (H, W), (10, 12)),
-                np.full((1, 10, 12, 2), 1.5), 1.5 * gamma(18))
+  assert_within(
+    interpret.upsample_saliency(flat, (H, W), (10, 12)),
+    np.full((1, 10, 12, 2), 1.5),
+    1.5 * gamma(18),
+  )
   with pytest.raises(ValueError, match="maps must be"):
     interpret.upsample_saliency(maps, (H, W + 1), (8, 8))
 
@@ -105,8 +110,9 @@ def test_rank_matches_equations_17_and_18():
   assert_within(interpret.rank(z, a, 1, p), *_rank_reference(z, a, 1, p), "Eq. 18")
   refined = np.random.default_rng(2).uniform(size=(N, S)).astype(np.float32)
   assert_within(interpret.rank(z, a, 1, refined), *_rank_reference(z, a, 1, refined), "refined")
-  assert_within(jax.jit(lambda z, p: interpret.rank(z, a, 1, p))(z, p),
-                *_rank_reference(z, a, 1, p), "jit")
+  assert_within(
+    jax.jit(lambda z, p: interpret.rank(z, a, 1, p))(z, p), *_rank_reference(z, a, 1, p), "jit"
+  )
   with pytest.raises(ValueError, match="non-negative"):
     interpret.rank(z, a, 1, -p)
   with pytest.raises(ValueError, match="part must be"):
@@ -149,17 +155,20 @@ def _planted(seed=0, n=40):
 
 def test_rank_recovers_planted_order():
   z, a, t, u, top = _planted()
-  np.testing.assert_array_equal(np.argsort(-np.asarray(interpret.rank(z, a, 0))),
-                                np.argsort(-(t + u)))
-  np.testing.assert_array_equal(np.argsort(-np.asarray(interpret.rank(z, a, 0, top))),
-                                np.argsort(-t))
   np.testing.assert_array_equal(
-      np.argsort(-np.asarray(interpret.rank(z, a, 0, 1 - top))), np.argsort(-u))
+    np.argsort(-np.asarray(interpret.rank(z, a, 0))), np.argsort(-(t + u))
+  )
+  np.testing.assert_array_equal(
+    np.argsort(-np.asarray(interpret.rank(z, a, 0, top))), np.argsort(-t)
+  )
+  np.testing.assert_array_equal(
+    np.argsort(-np.asarray(interpret.rank(z, a, 0, 1 - top))), np.argsort(-u)
+  )
 
 
 def test_streamed_ranking_returns_planted_top_and_bottom():
   z, a, t, u, top = _planted(1)
-  batches = [z[i:i + 7] for i in range(0, len(z), 7)]
+  batches = [z[i : i + 7] for i in range(0, len(z), 7)]
   k = 5
   result = interpret.rank_dataset(batches, a, 0, top, k=k)
   np.testing.assert_array_equal(result.top_index, np.argsort(-t)[:k])

@@ -7,6 +7,7 @@ adds gamma(N): the squared norm is off by gamma(N + 7) of itself, the norm by
 half that and a square root's rounding, and the ratio of two norms by
 `_ratio_error` = gamma(2 N + 15) of itself.
 """
+
 import jax
 import numpy as np
 import pytest
@@ -25,8 +26,7 @@ def _np_roir(x, x_edit, m):
   for i in range(len(x)):
     mask = np.repeat(m[i][..., None], x.shape[-1], axis=-1)
     d = x[i] - x_edit[i]
-    ratios.append(np.linalg.norm(((1 - mask) * d).ravel())
-                  / np.linalg.norm((mask * d).ravel()))
+    ratios.append(np.linalg.norm(((1 - mask) * d).ravel()) / np.linalg.norm((mask * d).ravel()))
   return np.array(ratios)
 
 
@@ -42,7 +42,7 @@ def _std_bound(ratios, per_sample):
   variance by at most gamma(5 n + 6) max(r)^2, the standard deviation by that over std
   (|sqrt(a) - sqrt(b)| <= |a - b| / sqrt(b)) plus the square root's rounding."""
   n, top, std = len(ratios), np.max(ratios), np.std(ratios)
-  return np.max(per_sample) + gamma(5 * n + 6) * top ** 2 / std + U32 * std
+  return np.max(per_sample) + gamma(5 * n + 6) * top**2 / std + U32 * std
 
 
 def test_roir_matches_numpy():
@@ -57,8 +57,9 @@ def test_roir_matches_numpy():
   assert_within(mean, expected.mean(), _mean_bound(expected, per_sample), "mean")
   assert_within(std, expected.std(), _std_bound(expected, per_sample), "std")
   shared = _np_roir(x, x_edit, np.stack([m[0]] * N))
-  assert_within(metrics.roir_per_sample(x, x_edit, m[0]), shared, _ratio_error * shared,
-                "shared mask")
+  assert_within(
+    metrics.roir_per_sample(x, x_edit, m[0]), shared, _ratio_error * shared, "shared mask"
+  )
   jitted = jax.jit(metrics.roir)(x, x_edit, m)
   assert_within(jitted[0], expected.mean(), _mean_bound(expected, per_sample), "jitted mean")
 
@@ -91,12 +92,15 @@ def test_roir_is_zero_inside_and_grows_as_the_edit_leaks():
   assert_within(values[2], ratios.mean(), _mean_bound(ratios, per_sample), "closed form")
 
 
-@pytest.mark.parametrize("masks, message", [
+@pytest.mark.parametrize(
+  "masks, message",
+  [
     (np.ones((N, H, W + 1), np.float32), "masks must be"),
     (np.ones((N + 1, H, W), np.float32), "masks must be"),
     (np.full((N, H, W), 1.5, np.float32), r"\[0, 1\]"),
     (np.full((N, H, W), np.nan, np.float32), "non-finite"),
-])
+  ],
+)
 def test_roir_bad_masks_raise(masks, message):
   x = np.zeros((N, H, W, CH), np.float32)
   with pytest.raises(ValueError, match=message):
@@ -107,3 +111,17 @@ def test_roir_bad_images_raise():
   x = np.zeros((N, H, W, CH), np.float32)
   with pytest.raises(ValueError, match="originals and edits"):
     metrics.roir(x, x[:, :-1], np.ones((N, H, W), np.float32))
+
+
+def test_masked_norms_are_the_squares_of_eq_13s_norms():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(N, H, W, CH)).astype(np.float32)
+  x_edit = x + rng.normal(size=x.shape).astype(np.float32)
+  m = (rng.uniform(size=(N, H, W)) > 0.5).astype(np.float32)
+  inside, outside = (np.asarray(v, np.float64) for v in metrics.masked_norms(x, x_edit, m))
+  d = np.asarray(x, np.float64) - x_edit
+  np.testing.assert_allclose(inside, np.sum(m[..., None] * d**2, axis=(1, 2, 3)), rtol=1e-5)
+  np.testing.assert_allclose(outside, np.sum((1 - m[..., None]) * d**2, axis=(1, 2, 3)), rtol=1e-5)
+  np.testing.assert_allclose(
+    metrics.roir_per_sample(x, x_edit, m), np.sqrt(outside / inside), rtol=1e-6
+  )

@@ -9,6 +9,7 @@ each result is within gamma(K) of the paper's formula evaluated on |Z|, |A|, |P|
 with every sign made positive (`_paper(..., absolute=True)`), K the longest
 chain of roundings (`_chain`).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +22,11 @@ from panda_jax import objective
 
 def _random(key, n=3, s=20, c=7, rank_c=4, rank_s=5, dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(key, 3)
-  return (jax.random.normal(k1, (n, s, c), dtype), jax.random.normal(k2, (c, rank_c), dtype),
-          jax.random.uniform(k3, (s, rank_s), dtype))
+  return (
+    jax.random.normal(k1, (n, s, c), dtype),
+    jax.random.normal(k2, (c, rank_c), dtype),
+    jax.random.uniform(k3, (s, rank_s), dtype),
+  )
 
 
 def _chain(z, a, p):
@@ -43,10 +47,18 @@ def _paper(z, a, p, absolute=False):
   if absolute:
     z, a, p = np.abs(z), np.abs(a), np.abs(p)
   abar, pbar = a @ a.T, p @ p.T
-  gp = 2 * sum(pbar @ zi.T @ abar @ abar @ zi @ p + zi.T @ abar @ abar @ zi @ pbar @ p
-               + sign * 2 * zi.T @ abar @ zi @ p for zi in z)
-  ga = 2 * sum(abar @ zi @ pbar @ pbar @ zi.T @ a + zi @ pbar @ pbar @ zi.T @ abar @ a
-               + sign * 2 * zi @ pbar @ zi.T @ a for zi in z)
+  gp = 2 * sum(
+    pbar @ zi.T @ abar @ abar @ zi @ p
+    + zi.T @ abar @ abar @ zi @ pbar @ p
+    + sign * 2 * zi.T @ abar @ zi @ p
+    for zi in z
+  )
+  ga = 2 * sum(
+    abar @ zi @ pbar @ pbar @ zi.T @ a
+    + zi @ pbar @ pbar @ zi.T @ abar @ a
+    + sign * 2 * zi @ pbar @ zi.T @ a
+    for zi in z
+  )
   loss = sum(np.sum((zi + sign * abar @ zi @ pbar) ** 2) for zi in z)
   return loss, ga, gp
 
@@ -104,16 +116,23 @@ def test_gradients_match_paper_formulas_and_finite_differences_float64():
         args[arg] = args[arg] + t * h * direction  # Two roundings of each entry.
         values[t] = pj.loss(*args)
         at_abs = _paper(*args, absolute=True)[arg]
-        error = max(error, _loss_bound(*args, U64) + gamma(2, U64) * float(
-            np.sum(np.abs(np.asarray(args[arg])) * at_abs)))
+        error = max(
+          error,
+          _loss_bound(*args, U64)
+          + gamma(2, U64) * float(np.sum(np.abs(np.asarray(args[arg])) * at_abs)),
+        )
       stencil = (8 * (values[1] - values[-1]) - (values[2] - values[-2])) / (12 * h)
       # The stencil's own four roundings; the directional derivative's: the gradient's
       # bound and a dot of length `size` on top.
       slope_abs = float(grad_abs.ravel() @ np.abs(np.asarray(direction)).ravel())
-      assert_within(stencil, jnp.vdot(grad, direction),
-                    18 / (12 * h) * error + gamma(4, U64) * abs(float(stencil))
-                    + (g + gamma(grad.size, U64)) * slope_abs,
-                    f"finite differences, argument {arg}")
+      assert_within(
+        stencil,
+        jnp.vdot(grad, direction),
+        18 / (12 * h) * error
+        + gamma(4, U64) * abs(float(stencil))
+        + (g + gamma(grad.size, U64)) * slope_abs,
+        f"finite differences, argument {arg}",
+      )
 
 
 def test_expanded_loss_equals_residual_loss():
@@ -124,8 +143,9 @@ def test_expanded_loss_equals_residual_loss():
   with jax.enable_x64(True):
     z, a, p = _random(jax.random.PRNGKey(5), dtype=jnp.float64)
     u = objective.unfold(z)
-    expanded = objective.loss_from_projection(objective.squared_norm(u),
-                                              objective.project_parts(u, p), a, p)
+    expanded = objective.loss_from_projection(
+      objective.squared_norm(u), objective.project_parts(u, p), a, p
+    )
     scale = _paper(z, a, p, absolute=True)[0]
     bound = 4 * gamma(2 * _chain(z, a, p) + z.size, U64) * scale + _loss_bound(z, a, p, U64)
     assert_within(expanded, pj.loss(z, a, p), bound, "expanded vs residual")

@@ -14,6 +14,7 @@ rounding would make it, far below what a sharding bug gives. That a bug is
 caught is checked too: a pmap without its psums returns device 0's run on its
 own shard, which must miss the bound by a wide margin.
 """
+
 import json
 import os
 import re
@@ -112,15 +113,16 @@ _SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_equal_one():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
-                        env=env, timeout=900)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, timeout=900
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result.pop("shards") == [[d, 1, 5, 16, 64] for d in range(4)]
-  moved = re.findall(r"device-to-device transfer: aval=ShapedArray\(float\d+\[4,5,16,64\]\)",
-                     proc.stderr)
+  moved = re.findall(
+    r"device-to-device transfer: aval=ShapedArray\(float\d+\[4,5,16,64\]\)", proc.stderr
+  )
   assert not moved, f"the batch left its shards {len(moved)} times"
   for name, runs in result.items():
     for field, bound in runs["float32"].items():
@@ -193,17 +195,30 @@ def test_two_processes_draw_their_own_samples_and_equal_one_process():
   key from its global index); `hosvd_init` of each process's own samples is
   that of all of them."""
   import socket  # pylint: disable=import-outside-toplevel
+
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, "multi", str(i), str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _PROCESS_SCRIPT, "multi", str(i), str(port)],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   try:
-    single = subprocess.run([sys.executable, "-c", _PROCESS_SCRIPT, "single"],
-                            capture_output=True, text=True, env=env, timeout=600)
+    single = subprocess.run(
+      [sys.executable, "-c", _PROCESS_SCRIPT, "single"],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=600,
+    )
     outputs = [p.communicate(timeout=600) for p in procs]
   finally:
     for p in procs:

@@ -1,6 +1,7 @@
 """The "fibres" parts start (`parts_init.fibres`): planted kinds of fibre are
 recovered, padding samples are ignored, and sharding over 4 devices gives the
 same start as one device."""
+
 import json
 import os
 import subprocess
@@ -25,7 +26,7 @@ def _planted_kinds(key, num_samples=40, side=6, channels=12, kinds=3, swap=0.2, 
   s = side * side
   k_mean, k_swap, k_kind, k_noise = jax.random.split(key, 4)
   means = 3.0 * jax.random.normal(k_mean, (kinds, channels))
-  layout = jnp.arange(s) * kinds // s                                  # Bands of positions.
+  layout = jnp.arange(s) * kinds // s  # Bands of positions.
   other = jax.random.randint(k_kind, (num_samples, s), 0, kinds)
   kind = jnp.where(jax.random.uniform(k_swap, (num_samples, s)) < swap, other, layout)
   features = means[kind] + noise * jax.random.normal(k_noise, (num_samples, s, channels))
@@ -35,7 +36,7 @@ def _planted_kinds(key, num_samples=40, side=6, channels=12, kinds=3, swap=0.2, 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fibres_recovers_planted_kinds(seed):
   features, layout, means = _planted_kinds(jax.random.PRNGKey(seed))
-  z = jnp.swapaxes(features, 1, 2)                                     # [n, c, s]
+  z = jnp.swapaxes(features, 1, 2)  # [n, c, s]
   parts = parts_init.fibres(jax.random.PRNGKey(10 + seed), z, 3)
   assert parts.shape == (36, 3) and bool(jnp.all(parts >= 0))
   np.testing.assert_allclose(jnp.linalg.norm(parts, axis=0), 1.0, rtol=1e-6)  # 3 flops, f32.
@@ -45,8 +46,9 @@ def test_fibres_recovers_planted_kinds(seed):
   # fibre there is of kind k: about 0.8 + 0.2/3 on the band, 0.2/3 off it).
   winner = np.asarray(jnp.argmax(parts, axis=1))
   mapping = {int(w): int(l) for w, l in zip(winner, np.asarray(layout))}
-  assert len(mapping) == 3 and all(mapping[int(w)] == int(l)
-                                   for w, l in zip(winner, np.asarray(layout)))
+  assert len(mapping) == 3 and all(
+    mapping[int(w)] == int(l) for w, l in zip(winner, np.asarray(layout))
+  )
   # The shares themselves: exact counts over 40 samples, then a unit norm.
   kinds = np.asarray(jnp.argmin(jnp.sum((features[:, :, None] - means) ** 2, -1), -1))
   share = np.stack([(kinds == k).mean(0) for k in range(3)], 1)
@@ -62,18 +64,21 @@ def test_fibres_ignores_padding_samples():
   key = jax.random.PRNGKey(4)
   # Zero samples carry no weight in k-means++ seeding, Lloyd means or shares; the
   # seed subsample strides over n*s fibres, so keep it the whole set here.
-  np.testing.assert_allclose(parts_init.fibres(key, padded, 3, seed_points=10**6),
-                             parts_init.fibres(key, z, 3, seed_points=10**6), atol=1e-6)
+  np.testing.assert_allclose(
+    parts_init.fibres(key, padded, 3, seed_points=10**6),
+    parts_init.fibres(key, z, 3, seed_points=10**6),
+    atol=1e-6,
+  )
 
 
 def test_fit_accepts_fibres_start_and_names_starts():
   features, _, _ = _planted_kinds(jax.random.PRNGKey(5))
-  factors = pj.fit(features, 4, 3, steps=3, key=jax.random.PRNGKey(0), parts_init="fibres",
-                   progress=False)
+  factors = pj.fit(
+    features, 4, 3, steps=3, key=jax.random.PRNGKey(0), parts_init="fibres", progress=False
+  )
   assert factors.parts.shape == (36, 3) and bool(jnp.all(factors.parts >= 0))
   with pytest.raises(ValueError, match="parts_init must be one of"):
-    pj.fit(features, 4, 3, steps=1, key=jax.random.PRNGKey(0), parts_init="fibre",
-           progress=False)
+    pj.fit(features, 4, 3, steps=1, key=jax.random.PRNGKey(0), parts_init="fibre", progress=False)
 
 
 _SHARDED = textwrap.dedent("""
@@ -96,10 +101,19 @@ def test_fibres_start_sharded_equals_one_device():
   # kinds far apart, so both runs label every fibre alike; the shares are then
   # exact counts divided alike, and only the unit-norm scaling may round: a few
   # float64 ulps.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
-  out = subprocess.run([sys.executable, "-c", _SHARDED], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", _SHARDED],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout.strip().splitlines()[-1]) <= 1e-14

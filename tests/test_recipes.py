@@ -1,4 +1,5 @@
 """Recipe cards: round trip to identical pixels, refusal of tampered or mismatched cards."""
+
 import json
 
 import jax
@@ -8,6 +9,7 @@ import pytest
 import panda_jax as pj
 from panda_jax import generator_ops
 from panda_jax import recipes
+from panda_jax import viz
 
 LAYER = 4  # 16 x 16 x 64 features of the StyleGAN2 fixture.
 
@@ -24,10 +26,15 @@ def setup(fixture_generator):
 def _card(setup, part=(0, 2), refined=False, seeds=(0, 3), alpha=40.0):
   gen, factors = setup
   return recipes.make_card(
-      generator=recipes.generator_identity("sg2", gen),
-      factors=recipes.factors_identity(factors, LAYER, "/factors"),
-      part=part if isinstance(part, np.ndarray) else list(part), appearance=1,
-      alpha=alpha, refined=refined, seed=0, seeds=seeds)
+    generator=recipes.generator_identity("sg2", gen),
+    factors=recipes.factors_identity(factors, LAYER, "/factors"),
+    part=part if isinstance(part, np.ndarray) else list(part),
+    appearance=1,
+    alpha=alpha,
+    refined=refined,
+    seed=0,
+    seeds=seeds,
+  )
 
 
 @pytest.mark.parametrize("refined", [False, True])
@@ -49,12 +56,16 @@ def test_round_trip_gives_identical_pixels(setup, tmp_path, refined):
   key = jax.random.split(jax.random.PRNGKey(0))[0]
   for i, seed in enumerate((0, 3)):
     lat = generator_ops.sample_latents(gen, key, np.asarray([seed]))
-    parts = (pj.refine(gen.split(lat, LAYER)[0], factors.appearances, factors.parts)
-             if refined else factors.parts)
-    ref_before, ref_after = generator_ops.edit_images(gen, lat, LAYER, factors.appearances,
-                                                      parts, [([0, 2], 1, 40.0)])
-    np.testing.assert_array_equal(before[i:i + 1], ref_before)
-    np.testing.assert_array_equal(after[i:i + 1], ref_after)
+    parts = (
+      pj.refine(gen.split(lat, LAYER)[0], factors.appearances, factors.parts)
+      if refined
+      else factors.parts
+    )
+    ref_before, ref_after = generator_ops.edit_images(
+      gen, lat, LAYER, factors.appearances, parts, [([0, 2], 1, 40.0)]
+    )
+    np.testing.assert_array_equal(before[i : i + 1], ref_before)
+    np.testing.assert_array_equal(after[i : i + 1], ref_after)
   assert np.abs(after - before).max() > 0.05  # the edit does something.
 
 
@@ -126,6 +137,7 @@ def test_tree_sha256_ignores_key_order_and_sees_dtype():
 
 def test_explorer_edits_replay_and_masks(setup):
   from experiments import explore  # pylint: disable=import-outside-toplevel
+
   gen, factors = setup
   ex = explore.Explorer(gen, "sg2", factors, LAYER, "/factors", num_grid=2, num_rank=8)
   # The page's edit and the card saved from it replay to the same displayed pixels.
@@ -133,26 +145,25 @@ def test_explorer_edits_replay_and_masks(setup):
   card = ex.card(1, [1, 3], 2, 5.0, True)
   assert card["edit"]["alpha"] == 5.0 * ex.scale and card["samples"]["seeds"] == [1]
   replayed_before, replayed, replayed_roir = recipes.replay(card, gen, factors)
-  np.testing.assert_array_equal(explore.display(replayed), after)
-  np.testing.assert_array_equal(explore.display(replayed_before), before)
+  np.testing.assert_array_equal(viz.display(replayed), after)
+  np.testing.assert_array_equal(viz.display(replayed_before), before)
   assert replayed_roir == roir == (card["roir"]["mean"], card["roir"]["std"])
   # A mask painted on the enlarged display is the same region at image size.
   size = ex.sample(0).image.shape[1:3]
   painted = np.zeros(after.shape[:2], bool)
-  painted[: after.shape[0] // 4, after.shape[1] // 2:] = True
+  painted[: after.shape[0] // 4, after.shape[1] // 2 :] = True
   mask = ex.target("mask", None, painted)
   expected = np.zeros(size, np.float32)
-  expected[: size[0] // 4, size[1] // 2:] = 1
+  expected[: size[0] // 4, size[1] // 2 :] = 1
   np.testing.assert_array_equal(mask, expected)
   assert ex.target("parts", ["part 3", "part 1"], None) == [1, 3]
   with pytest.raises(ValueError, match="pick at least one part"):
     ex.target("parts", [], None)
   # Ranking: the pool's top samples by Eq. (17), against a batched computation.
   top = [int(caption.split()[1].rstrip(":")) for _, caption in ex.rank(2)]
-  lat = generator_ops.sample_latents(gen, jax.random.split(jax.random.PRNGKey(0))[0],
-                                     np.arange(8))
+  lat = generator_ops.sample_latents(gen, jax.random.split(jax.random.PRNGKey(0))[0], np.arange(8))
   scores = np.asarray(pj.rank(gen.split(lat, LAYER)[0], factors.appearances, 2))
-  assert top == np.argsort(-scores)[:len(top)].tolist()
+  assert top == np.argsort(-scores)[: len(top)].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +176,25 @@ def on_disk(setup, converted, tmp_path_factory):
 
 
 def test_edit_launcher_replays_and_refuses(setup, on_disk, tmp_path):
-  from experiments import common  # pylint: disable=import-outside-toplevel
+  from experiments.plumbing import options  # pylint: disable=import-outside-toplevel
   from experiments import edit  # pylint: disable=import-outside-toplevel
+
   gen, factors = setup
   generator, factors_dir = on_disk
   card = _card(setup, seeds=(2,))
   path = recipes.save(str(tmp_path / "card.json"), card)
 
   def run(card_path, out, **kw):
-    return edit.run(common.make_config(edit.SPEC, recipe=card_path, generator=generator,
-                                       factors=factors_dir, out=str(tmp_path / out), **kw))
+    return edit.run(
+      options.make_config(
+        edit.SPEC,
+        recipe=card_path,
+        generator=generator,
+        factors=factors_dir,
+        out=str(tmp_path / out),
+        **kw,
+      )
+    )
 
   metrics = run(path, "replay", seeds=["0", "2"])
   _, expected, roir = recipes.replay(card, gen, factors, seeds=[0, 2])
@@ -191,16 +211,23 @@ def test_edit_launcher_replays_and_refuses(setup, on_disk, tmp_path):
 
 
 def test_gallery_renders_cards_and_lists_refused_ones(setup, on_disk, tmp_path):
-  from experiments import common  # pylint: disable=import-outside-toplevel
+  from experiments.plumbing import options  # pylint: disable=import-outside-toplevel
   from experiments import gallery  # pylint: disable=import-outside-toplevel
+
   gen, factors = setup
   generator, factors_dir = on_disk
   card = _card(setup, seeds=(1,))
   recipes.save(str(tmp_path / "cards" / "good.json"), card)
   (tmp_path / "cards" / "bad.json").write_text(json.dumps(_tampered(card, alpha=1.0)))
-  metrics = gallery.run(common.make_config(gallery.SPEC, recipes=str(tmp_path / "cards"),
-                                           out=str(tmp_path / "zoo"), use_generator=generator,
-                                           use_factors=factors_dir))
+  metrics = gallery.run(
+    options.make_config(
+      gallery.SPEC,
+      recipes=str(tmp_path / "cards"),
+      out=str(tmp_path / "zoo"),
+      use_generator=generator,
+      use_factors=factors_dir,
+    )
+  )
   bad, good = metrics["recipes"]
   assert "modified after it was saved" in bad["error"]
   assert good["roir_mean"] == recipes.replay(card, gen, factors)[2][0]
@@ -212,12 +239,21 @@ def test_gallery_renders_cards_and_lists_refused_ones(setup, on_disk, tmp_path):
 def test_explorer_uploaded_image_edits_and_its_card_replays(setup, tmp_path):
   """An uploaded PNG becomes sample -1 (its inverted features); its card names the
   file's sha256 and the inversion, and replays on that image to the same pixels."""
-  from experiments import explore, real_images  # pylint: disable=import-outside-toplevel
+  from experiments import explore  # pylint: disable=import-outside-toplevel
+  from experiments.plumbing import real_images  # pylint: disable=import-outside-toplevel
+
   gen, factors = setup
-  inversion = dict(steps=4, feature_steps=2, structure_weight=1.0,
-                   feature_structure_weight=0.0, tie_layers=False, seed=1)
-  ex = explore.Explorer(gen, "sg2", factors, LAYER, "/factors", num_grid=1, num_rank=2,
-                        inversion=inversion)
+  inversion = dict(
+    steps=4,
+    feature_steps=2,
+    structure_weight=1.0,
+    feature_structure_weight=0.0,
+    tie_layers=False,
+    seed=1,
+  )
+  ex = explore.Explorer(
+    gen, "sg2", factors, LAYER, "/factors", num_grid=1, num_rank=2, inversion=inversion
+  )
   path = tmp_path / "mine.png"
   image = np.asarray(gen.generate(gen.latents(np.ones((1, gen.z_dim), np.float32))))[0]
   real_images.write_png(str(path), image[..., :3])
@@ -225,12 +261,13 @@ def test_explorer_uploaded_image_edits_and_its_card_replays(setup, tmp_path):
   before, after, _, roir = ex.edit(-1, 2, 1, 5.0, False)
   assert np.abs(after.astype(int) - before).max() > 0
   card = ex.card(-1, 2, 1, 5.0, False)
-  assert card["samples"] == {"image": {"sha256": real_images.file_sha256(str(path)),
-                                       "inversion": inversion}}
+  assert card["samples"] == {
+    "image": {"sha256": real_images.file_sha256(str(path)), "inversion": inversion}
+  }
   one = recipes.image_sample(gen, LAYER, real_images.load_image(str(path), gen), inversion)
   replayed_before, replayed, replayed_roir = recipes.replay(card, gen, factors, samples=[one])
-  np.testing.assert_array_equal(explore.display(replayed), after)
-  np.testing.assert_array_equal(explore.display(replayed_before), before)
+  np.testing.assert_array_equal(viz.display(replayed), after)
+  np.testing.assert_array_equal(viz.display(replayed_before), before)
   assert replayed_roir == roir
   with pytest.raises(ValueError, match="made on a real image"):
     recipes.replay(card, gen, factors)

@@ -8,6 +8,7 @@ Tolerances are derived rounding bounds (tests/_bounds.py); the iterated
 comparisons run in float64 (`jax.enable_x64`), where the bound propagated
 through the iterations stays far below the differences the tests look for.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +35,11 @@ def _dense_mutual_knn(x, k):
 
 def _dense(graph, s):
   w = np.zeros((s, s))
-  np.add.at(w, (np.repeat(np.arange(s), graph.neighbours.shape[1]),
-                np.asarray(graph.neighbours).ravel()), np.asarray(graph.weights).ravel())
+  np.add.at(
+    w,
+    (np.repeat(np.arange(s), graph.neighbours.shape[1]), np.asarray(graph.neighbours).ravel()),
+    np.asarray(graph.weights).ravel(),
+  )
   return w
 
 
@@ -65,8 +69,8 @@ def test_graph_is_mutual_knn_and_symmetric(k):
   x64 = np.asarray(x, np.float64)
   # `_knn` ranks |x_l|^2 - 2 x_l . x_j (two dots of length 5, a product, a
   # subtraction): off by at most gamma(7) (|x_l|^2 + 2 |x_l| . |x_j|).
-  distance = (x64 ** 2).sum(1)[None, :] - 2 * x64 @ x64.T
-  error = gamma(7) * ((x64 ** 2).sum(1)[None, :] + 2 * np.abs(x64) @ np.abs(x64).T)
+  distance = (x64**2).sum(1)[None, :] - 2 * x64 @ x64.T
+  error = gamma(7) * ((x64**2).sum(1)[None, :] + 2 * np.abs(x64) @ np.abs(x64).T)
   np.fill_diagonal(distance, np.inf)
   if k < 35:
     ordered = np.sort(distance, axis=1)
@@ -99,11 +103,27 @@ def test_gradients_match_autodiff_of_eq10():
       w_abs = np.abs(np.asarray(x)) @ np.abs(np.asarray(x)).T  # >= |W| for both affinities
       p_abs = np.asarray(p)
       both = 2 * gamma(_rounding(30), U64)
-      assert_within(value, eq10(p), both * (2 * np.trace(p_abs.T @ w_abs @ p_abs) + np.sum(
-          (p_abs.T @ w_abs @ p_abs) * (p_abs.T @ p_abs))), f"Eq. 10, k={k}")
-      assert_within(refine_lib._gradient(p, wp), jax.grad(eq10)(p),
-                    both * (4 * p_abs @ (p_abs.T @ w_abs @ p_abs) + 4 * w_abs @ p_abs @ (
-                        p_abs.T @ p_abs) + 4 * w_abs @ p_abs), f"Eq. 11, k={k}")
+      assert_within(
+        value,
+        eq10(p),
+        both
+        * (
+          2 * np.trace(p_abs.T @ w_abs @ p_abs)
+          + np.sum((p_abs.T @ w_abs @ p_abs) * (p_abs.T @ p_abs))
+        ),
+        f"Eq. 10, k={k}",
+      )
+      assert_within(
+        refine_lib._gradient(p, wp),
+        jax.grad(eq10)(p),
+        both
+        * (
+          4 * p_abs @ (p_abs.T @ w_abs @ p_abs)
+          + 4 * w_abs @ p_abs @ (p_abs.T @ p_abs)
+          + 4 * w_abs @ p_abs
+        ),
+        f"Eq. 11, k={k}",
+      )
 
 
 def _paper_refinement(z, a, p, lr, steps, k=None):
@@ -125,12 +145,17 @@ def _paper_refinement(z, a, p, lr, steps, k=None):
   error = 0.0
   for _ in range(steps):
     grad = _eq11(w, p)
-    grad_abs = 4 * np.abs(p) @ (np.abs(p).T @ w_abs @ np.abs(p)) + 4 * w_abs @ np.abs(p) @ (
-        np.abs(p).T @ np.abs(p)) + 4 * w_abs @ np.abs(p)
+    grad_abs = (
+      4 * np.abs(p) @ (np.abs(p).T @ w_abs @ np.abs(p))
+      + 4 * w_abs @ np.abs(p) @ (np.abs(p).T @ np.abs(p))
+      + 4 * w_abs @ np.abs(p)
+    )
     lipschitz = w_norm * (12 * (np.linalg.norm(p, 2) + error) ** 2 + 4)
-    error = ((1 + lr * lipschitz) * error
-             + lr * gamma(_rounding(len(x)), U64) * np.linalg.norm(grad_abs)
-             + gamma(2, U64) * np.linalg.norm(np.abs(p) + lr * np.abs(grad)))
+    error = (
+      (1 + lr * lipschitz) * error
+      + lr * gamma(_rounding(len(x)), U64) * np.linalg.norm(grad_abs)
+      + gamma(2, U64) * np.linalg.norm(np.abs(p) + lr * np.abs(grad))
+    )
     p = np.maximum(0, p - lr * grad)
   return p, error
 
@@ -194,19 +219,24 @@ def test_adaptive_refinement_decreases_eq10():
 
 
 def test_each_call_is_its_equation():
-  """The table of refinement.py: no option = 50 full-Gram steps (ICLR); k = Algorithm
-  2 with 50 steps; method="register" = the translation with no steps."""
+  """The table of refinement.py: no option = the translation gated at 10% gain;
+  steps = T full-Gram steps (ICLR); k = Algorithm 2 with 50 steps; method="paper"
+  = 50 full-Gram steps."""
   z = jax.random.normal(jax.random.PRNGKey(9), (2, 6, 6, 5))
   a = pj.hosvd_init(z, 3)
   p = jax.random.uniform(jax.random.PRNGKey(10), (36, 4))
-  np.testing.assert_array_equal(pj.refine(z, a, p), pj.refine(z, a, p, method="paper", steps=50))
-  np.testing.assert_array_equal(pj.refine(z, a, p, k=16),
-                                pj.refine(z, a, p, method="paper", k=16, steps=50))
-  assert not np.array_equal(pj.refine(z, a, p, k=16), pj.refine(z, a, p))
-  moved, shifts = pj.refine(z, a, p, method="register", return_shifts=True)
+  np.testing.assert_array_equal(
+    pj.refine(z, a, p), pj.refine(z, a, p, method="register", min_gain=0.1)
+  )
+  np.testing.assert_array_equal(pj.refine(z, a, p, steps=50), pj.refine(z, a, p, method="paper"))
+  np.testing.assert_array_equal(
+    pj.refine(z, a, p, k=16), pj.refine(z, a, p, method="paper", k=16, steps=50)
+  )
+  assert not np.array_equal(pj.refine(z, a, p, k=16), pj.refine(z, a, p, steps=50))
+  moved, shifts = pj.refine(z, a, p, method="register", min_gain=0.0, return_shifts=True)
   expected = jax.vmap(lambda d: refine_lib._roll(p, d, (6, 6)))(shifts)
   np.testing.assert_array_equal(moved, expected)
-  _, none = pj.refine(z, a, p, return_shifts=True)
+  _, none = pj.refine(z, a, p, steps=50, return_shifts=True)
   np.testing.assert_array_equal(none, 0)
 
 
@@ -215,8 +245,16 @@ def test_refinement_follows_shifted_parts(k, seed):
   """Global parts from aligned samples; one sample whose regions are rolled by one
   column (of 8): refinement moves the parts onto the shifted regions. (Larger
   shifts, and regions smaller than k, defeat this paper-faithful refinement.)"""
-  data = synthetic.planted(jax.random.PRNGKey(seed), num_samples=32, height=8, width=8,
-                           channels=16, rank_c=6, rank_s=4, noise=0.02)
+  data = synthetic.planted(
+    jax.random.PRNGKey(seed),
+    num_samples=32,
+    height=8,
+    width=8,
+    channels=16,
+    rank_c=6,
+    rank_s=4,
+    noise=0.02,
+  )
   fitted = pj.fit(data.features, 6, 4, steps=50, key=jax.random.PRNGKey(0), progress=False)
   assert synthetic.matched_iou(fitted.parts, data.labels).min() > 0.95
   shifted = jnp.roll(data.features[:1], 1, axis=2)
@@ -243,3 +281,7 @@ def test_bad_arguments():
     pj.refine(z, a, -p)
   with pytest.raises(ValueError, match="non-finite"):
     pj.refine(z.at[0, 0, 0].set(jnp.nan), a, p)
+  with pytest.raises(ValueError, match="min_gain must be"):
+    pj.refine(z, a, p, min_gain=1.5)
+  with pytest.raises(ValueError, match="min_gain are used by method='register' only"):
+    pj.refine(z, a, p, steps=5, min_gain=0.1)

@@ -2,6 +2,7 @@
 
 Tolerance policy (fixtures README): max |ours - official| <= 1e-4 * max_abs of the array.
 """
+
 import json
 import os
 
@@ -90,8 +91,9 @@ def test_random_noise_is_keyed_and_consistent_across_split(gen, ws):
   assert np.abs(img - _nhwc(IO["image"])).max() > 1e-2  # Not the constant noise.
   assert np.abs(img - gen.generate(ws, noise_key=jax.random.key(4))).max() > 1e-2
   x, carry = gen.split(ws, 4, noise_key=key)
-  np.testing.assert_allclose(gen.resume(x, carry, ws, 4, noise_key=key), img,
-                             atol=1e-5 * np.abs(img).max())
+  np.testing.assert_allclose(
+    gen.resume(x, carry, ws, 4, noise_key=key), img, atol=1e-5 * np.abs(img).max()
+  )
 
 
 def test_split_and_resume_compile_once_per_layer(gen, ws):
@@ -109,7 +111,9 @@ def test_jit_and_vmap_of_the_methods(gen, ws):
   np.testing.assert_allclose(f(ws), gen.generate(ws), atol=1e-5 * META["max_abs"]["image"])
 
 
-@pytest.mark.parametrize("call, match", [
+@pytest.mark.parametrize(
+  "call, match",
+  [
     (lambda g, w: g.split(w, 0), r"layer must be in \[1, 7\]"),
     (lambda g, w: g.split(w, 8), r"layer must be in \[1, 7\]"),
     (lambda g, w: g.resume(w, None, w, 2.0), "layer must be a Python int"),
@@ -117,13 +121,15 @@ def test_jit_and_vmap_of_the_methods(gen, ws):
     (lambda g, w: g.latents(np.zeros((2, 3))), r"z must be \[n, z_dim=64\]"),
     (lambda g, w: g.latents(np.zeros((2, 64)), c=np.ones((2, 5))), "c must be"),
     (lambda g, w: g.latents(np.zeros((2, 64)), truncation_cutoff=9), "truncation_cutoff"),
-])
+  ],
+)
 def test_bad_inputs(gen, ws, call, match):
   with pytest.raises(ValueError, match=match):
     call(gen, ws)
 
 
 # --- Pickles rewritten from the fixture: the options the official code allows. ---
+
 
 def _rewrite(obj, fn):
   """Applies `fn(class_name, state) -> state` to every Record of a snapshot."""
@@ -143,16 +149,20 @@ def _convert(snap, tmp_path, torch_files, name="rewritten.pkl", **kw):
 
 
 # Attributes that only the stylegan3 repo's `training.networks_stylegan2` sets.
-_SG3_ONLY = {"FullyConnectedLayer": {"in_features", "out_features"},
-             "SynthesisLayer": {"in_channels", "out_channels", "w_dim"},
-             "ToRGBLayer": {"in_channels", "out_channels", "w_dim"},
-             "SynthesisBlock": {"fused_modconv_default"}}
+_SG3_ONLY = {
+  "FullyConnectedLayer": {"in_features", "out_features"},
+  "SynthesisLayer": {"in_channels", "out_channels", "w_dim"},
+  "ToRGBLayer": {"in_channels", "out_channels", "w_dim"},
+  "SynthesisBlock": {"fused_modconv_default"},
+}
 
 
 def test_stylegan2_ada_pickle(tmp_path, torch_files, ws):
   """`training.networks` (stylegan2-ada-pytorch): fewer attributes, older numpy names."""
-  snap = _rewrite(safe_pickle.load(PKL), lambda cls, state: {
-      k: v for k, v in state.items() if k not in _SG3_ONLY.get(cls, ())})
+  snap = _rewrite(
+    safe_pickle.load(PKL),
+    lambda cls, state: {k: v for k, v in state.items() if k not in _SG3_ONLY.get(cls, ())},
+  )
   gen = _convert(snap, tmp_path, torch_files, numpy_module="numpy.core.multiarray")
   assert_close(gen.generate(ws), "image")
 
@@ -184,13 +194,24 @@ def test_conditional_pickle(tmp_path, torch_files):
       mods = dict(state["_modules"])
       fc0 = mods["fc0"]
       w = fc0.state["_parameters"]["weight"]
-      fc0_state = dict(fc0.state, _parameters=dict(fc0.state["_parameters"], weight=np.concatenate(
-          [w, rng.normal(size=w.shape).astype(np.float32)], axis=1)))
+      fc0_state = dict(
+        fc0.state,
+        _parameters=dict(
+          fc0.state["_parameters"],
+          weight=np.concatenate([w, rng.normal(size=w.shape).astype(np.float32)], axis=1),
+        ),
+      )
       mods["fc0"] = safe_pickle.Record(fc0.module, fc0.class_name, fc0_state)
-      embed_state = dict(mods["fc1"].state, activation="linear", weight_gain=1 / np.sqrt(c_dim),
-                         bias_gain=1.0, _parameters={
-                             "weight": rng.normal(size=(64, c_dim)).astype(np.float32),
-                             "bias": rng.normal(size=64).astype(np.float32)})
+      embed_state = dict(
+        mods["fc1"].state,
+        activation="linear",
+        weight_gain=1 / np.sqrt(c_dim),
+        bias_gain=1.0,
+        _parameters={
+          "weight": rng.normal(size=(64, c_dim)).astype(np.float32),
+          "bias": rng.normal(size=64).astype(np.float32),
+        },
+      )
       mods["embed"] = safe_pickle.Record(fc0.module, "FullyConnectedLayer", embed_state)
       state["_modules"] = mods
     return state
@@ -201,37 +222,46 @@ def test_conditional_pickle(tmp_path, torch_files):
   c = np.eye(c_dim, dtype=np.float32)[[0, 1, 4, 4]]
   expected = _np_mapping(snap["G_ema"], IO["z"].astype(np.float64), c)
   ws = np.asarray(gen.latents(IO["z"], c))
-  np.testing.assert_allclose(ws, np.broadcast_to(expected[:, None], ws.shape),
-                             atol=1e-5 * np.abs(expected).max())
+  np.testing.assert_allclose(
+    ws, np.broadcast_to(expected[:, None], ws.shape), atol=1e-5 * np.abs(expected).max()
+  )
   assert np.abs(ws[0] - ws[1]).max() > 1e-2  # The class matters.
   with pytest.raises(ValueError, match="conditional"):
     gen.latents(IO["z"])
 
 
 def _set_synthesis_attr(name, value):
-  return lambda cls, state: {**state, name: value} if cls in (
-      "SynthesisLayer", "ToRGBLayer") else state
+  return lambda cls, state: (
+    {**state, name: value} if cls in ("SynthesisLayer", "ToRGBLayer") else state
+  )
 
 
 def test_conv_clamp(tmp_path, torch_files, ws):
   clamp = 0.5
-  gen = _convert(_rewrite(safe_pickle.load(PKL), _set_synthesis_attr("conv_clamp", clamp)),
-                 tmp_path, torch_files)
+  gen = _convert(
+    _rewrite(safe_pickle.load(PKL), _set_synthesis_attr("conv_clamp", clamp)), tmp_path, torch_files
+  )
   assert gen.config["conv_clamp"] == clamp
   x, _ = gen.split(ws, 1)
   assert_close(x, "features_1", np.clip(_nhwc(IO["features_1"]), -clamp, clamp))
   assert np.abs(gen.split(ws, 6)[0]).max() <= clamp
-  loose = _convert(_rewrite(safe_pickle.load(PKL), _set_synthesis_attr("conv_clamp", 1e4)),
-                   tmp_path, torch_files, name="loose.pkl")
+  loose = _convert(
+    _rewrite(safe_pickle.load(PKL), _set_synthesis_attr("conv_clamp", 1e4)),
+    tmp_path,
+    torch_files,
+    name="loose.pkl",
+  )
   assert_close(loose.generate(ws), "image")
 
 
 def test_fp16_resolutions_compute_in_float32(tmp_path, torch_files, ws):
   """NVIDIA's code also runs fp16 blocks in float32 off-GPU (`force_fp32`)."""
+
   def fp16(cls, state):
     if cls == "SynthesisNetwork":
       return {**state, "num_fp16_res": 2}
     return {**state, "use_fp16": True} if cls == "SynthesisBlock" else state
+
   gen = _convert(_rewrite(safe_pickle.load(PKL), fp16), tmp_path, torch_files)
   assert gen.config["num_fp16_res"] == 2
   assert_close(gen.generate(ws), "image")
@@ -239,6 +269,7 @@ def test_fp16_resolutions_compute_in_float32(tmp_path, torch_files, ws):
 
 def test_orig_architecture(tmp_path, torch_files, ws):
   """'orig' keeps only the last ToRGB: image = skip image - upsampled carry_7."""
+
   def orig(cls, state):
     if cls != "SynthesisBlock":
       return state
@@ -246,6 +277,7 @@ def test_orig_architecture(tmp_path, torch_files, ws):
     if state["resolution"] != 32:
       mods = {k: v for k, v in mods.items() if k != "torgb"}
     return {**state, "architecture": "orig", "_modules": mods}
+
   gen = _convert(_rewrite(safe_pickle.load(PKL), orig), tmp_path, torch_files)
   f = layers.setup_filter([1, 3, 3, 1])
   expected = _nhwc(IO["image"]) - np.asarray(layers.upsample2d(_nhwc(IO["carry_7"]), f))
@@ -255,14 +287,27 @@ def test_orig_architecture(tmp_path, torch_files, ws):
   assert_close(gen.resume(x, carry, ws, 5), "image", expected)
 
 
-@pytest.mark.parametrize("rewrite, reason", [
-    (lambda cls, s: {**s, "architecture": "resnet"} if cls == "SynthesisBlock" else s,
-     "architecture 'resnet'"),
-    (lambda cls, s: {**s, "activation": "gelu"} if cls == "SynthesisLayer" else s,
-     "activation 'gelu'"),
-    (lambda cls, s: {**s, "_parameters": {**s["_parameters"], "bias": s["_parameters"]["bias"][:3]}}
-     if cls == "SynthesisLayer" else s, "invalid"),
-])
+@pytest.mark.parametrize(
+  "rewrite, reason",
+  [
+    (
+      lambda cls, s: {**s, "architecture": "resnet"} if cls == "SynthesisBlock" else s,
+      "architecture 'resnet'",
+    ),
+    (
+      lambda cls, s: {**s, "activation": "gelu"} if cls == "SynthesisLayer" else s,
+      "activation 'gelu'",
+    ),
+    (
+      lambda cls, s: (
+        {**s, "_parameters": {**s["_parameters"], "bias": s["_parameters"]["bias"][:3]}}
+        if cls == "SynthesisLayer"
+        else s
+      ),
+      "invalid",
+    ),
+  ],
+)
 def test_unknown_options_are_refused(rewrite, reason, tmp_path, torch_files):
   with pytest.raises(ConversionError, match=reason):
     _convert(_rewrite(safe_pickle.load(PKL), rewrite), tmp_path, torch_files)
@@ -270,24 +315,30 @@ def test_unknown_options_are_refused(rewrite, reason, tmp_path, torch_files):
 
 # --- Random generators of other sizes: structure and split/resume invariants. ---
 
+
 def random_stylegan2(seed=0, **kw):
-  options = dict(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=3,
-                 channels=(16, 8), mapping_layers=2)
+  options = dict(
+    z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=3, channels=(16, 8), mapping_layers=2
+  )
   options.update(kw)
   cfg = stylegan2.Config(**options)
   shapes = stylegan2.param_shapes(cfg)
   leaves, tree = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   params = tree.unflatten([0.5 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves)])
-  return stylegan2.StyleGAN2(dict(options, channels=list(cfg.channels)),
-                             jax.tree.map(np.asarray, params))
+  return stylegan2.StyleGAN2(
+    dict(options, channels=list(cfg.channels)), jax.tree.map(np.asarray, params)
+  )
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     dict(img_resolution=4, channels=(8,)),
     dict(architecture="orig", img_channels=1),
     dict(c_dim=3, conv_clamp=1.0, mapping_features=5, embed_features=6, kernel_size=1),
-])
+  ],
+)
 def test_resume_of_split_is_generate_for_every_layer(kw):
   gen = random_stylegan2(**kw)
   c = np.eye(3, dtype=np.float32)[[0, 2]] if gen.c_dim else None
@@ -298,16 +349,18 @@ def test_resume_of_split_is_generate_for_every_layer(kw):
   for layer in gen.layers:
     x, carry = gen.split(lat, layer)
     assert x.shape[1] == 4 * 2 ** (layer // 2)
-    np.testing.assert_allclose(gen.resume(x, carry, lat, layer), img,
-                               atol=1e-5 * np.abs(img).max())
+    np.testing.assert_allclose(gen.resume(x, carry, lat, layer), img, atol=1e-5 * np.abs(img).max())
 
 
-@pytest.mark.parametrize("kw, match", [
+@pytest.mark.parametrize(
+  "kw, match",
+  [
     (dict(img_resolution=6), "power of two"),
     (dict(channels=(8,)), "one width per block"),
     (dict(architecture="resnet"), "architecture"),
     (dict(activation="gelu"), "unknown activation"),
-])
+  ],
+)
 def test_bad_configs(kw, match):
   with pytest.raises(ValueError, match=match):
     random_stylegan2(**kw)
@@ -355,10 +408,14 @@ def genforce_state_dict(g):
     weight = t(rec, "weight")  # [out, in, k, k]
     if name.startswith("synthesis.layer"):  # Undo genforce's 1 / sqrt(fan_in); for
       weight = weight * np.sqrt(weight[0].size)  # ToRGB it is NVIDIA's style gain.
-    sd.update({f"{name}.weight": weight[:, :, ::-1, ::-1] if up else weight,
-               f"{name}.style.weight": style * np.sqrt(style.shape[1]),
-               f"{name}.style.bias": t(affine, "bias") * affine.state["bias_gain"] - 1.0,
-               f"{name}.bias": t(rec, "bias")})
+    sd.update(
+      {
+        f"{name}.weight": weight[:, :, ::-1, ::-1] if up else weight,
+        f"{name}.style.weight": style * np.sqrt(style.shape[1]),
+        f"{name}.style.bias": t(affine, "bias") * affine.state["bias_gain"] - 1.0,
+        f"{name}.bias": t(rec, "bias"),
+      }
+    )
 
   up_filter = np.outer([1, 3, 3, 1], [1, 3, 3, 1])[None, None] / 16.0
   blocks = [child(syn, f"b{r}") for r in syn.state["block_resolutions"]]
@@ -378,9 +435,12 @@ def genforce_state_dict(g):
 
 def _genforce_orig(sd):
   """genforce's 'origin' architecture: the last ToRGB only, no upsampling of images."""
-  last = max(int(k.split(".")[1][len("output"):]) for k in sd if ".output" in k)
-  return {k: v for k, v in sd.items() if "upsample" not in k
-          and not (".output" in k and not k.startswith(f"synthesis.output{last}."))}
+  last = max(int(k.split(".")[1][len("output") :]) for k in sd if ".output" in k)
+  return {
+    k: v
+    for k, v in sd.items()
+    if "upsample" not in k and not (".output" in k and not k.startswith(f"synthesis.output{last}."))
+  }
 
 
 @pytest.mark.parametrize("architecture", ["skip", "orig"])
@@ -395,15 +455,23 @@ def test_genforce_pth_is_the_same_network(architecture, tmp_path, torch_files, g
     syn = {k: v for k, v in expected["synthesis"].items() if not k.startswith("torgbs")}
     expected["synthesis"] = {**syn, "torgbs_0": expected["synthesis"]["torgbs_3"]}
   path = tmp_path / "stylegan2.pth"
-  torch_files.torch_zip({"generator": genforce_state_dict(snap["G"]),
-                         "generator_smooth": sd}, path)
+  torch_files.torch_zip({"generator": genforce_state_dict(snap["G"]), "generator_smooth": sd}, path)
   arch, config, params = converters.convert(path)
   assert (arch, config["architecture"]) == ("stylegan2", architecture)
-  same = ("z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "channels",
-          "mapping_layers", "mapping_features")
+  same = (
+    "z_dim",
+    "c_dim",
+    "w_dim",
+    "img_resolution",
+    "img_channels",
+    "channels",
+    "mapping_layers",
+    "mapping_features",
+  )
   assert {k: config[k] for k in same} == {k: gen.config[k] for k in same}
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               params, expected)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params, expected
+  )
   converted = generators.base.registered()[arch].from_converted(config, params)
   assert_close(converted.latents(IO["z"], truncation_psi=float(IO["truncation_psi"])), "ws")
   image = _nhwc(IO["image"])
@@ -413,17 +481,21 @@ def test_genforce_pth_is_the_same_network(architecture, tmp_path, torch_files, g
   assert_close(converted.generate(ws), "image", image)
 
 
-@pytest.mark.parametrize("edit, reason", [
+@pytest.mark.parametrize(
+  "edit, reason",
+  [
     (lambda sd: sd.pop("synthesis.layer3.noise"), "missing tensor synthesis.layer3.noise"),
-    (lambda sd: sd.update({"mapping.label_weight": np.ones((5, 64), np.float32)}),
-     "conditional"),
-    (lambda sd: sd.update({"synthesis.layer1.filter.kernel": np.ones((1, 1, 4, 4),
-                                                                     np.float32)}),
-     r"\[1, 3, 3, 1\] upsampling filter"),
-    (lambda sd: sd.update({"synthesis.skip_layer0.weight": np.ones((4, 4, 1, 1),
-                                                                  np.float32)}),
-     "unexpected tensor"),
-])
+    (lambda sd: sd.update({"mapping.label_weight": np.ones((5, 64), np.float32)}), "conditional"),
+    (
+      lambda sd: sd.update({"synthesis.layer1.filter.kernel": np.ones((1, 1, 4, 4), np.float32)}),
+      r"\[1, 3, 3, 1\] upsampling filter",
+    ),
+    (
+      lambda sd: sd.update({"synthesis.skip_layer0.weight": np.ones((4, 4, 1, 1), np.float32)}),
+      "unexpected tensor",
+    ),
+  ],
+)
 def test_genforce_pth_conversion_is_strict(edit, reason):
   sd = genforce_state_dict(safe_pickle.load(PKL)["G_ema"])
   edit(sd)

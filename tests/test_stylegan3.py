@@ -10,10 +10,12 @@ design and padding formulas), written as an NVIDIA pickle without torch
 float64 NumPy transcription of NVIDIA's reference ops, itself first checked
 against the T fixture.
 """
+
 import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,8 +94,7 @@ def test_fixture_features_images_and_split_resume(gen, io, meta):
     assert_close(resumed, image, meta["max_abs"]["image"], tol=1e-6, what=f"resume {layer}")
     if layer == edit_layer:
       edited = gen.resume(x + nhwc(io["edit_delta"]), carry, ws, layer)
-      assert_close(edited, nhwc(io["edit_image"]), meta["max_abs"]["edit_image"],
-                   what="edit_image")
+      assert_close(edited, nhwc(io["edit_image"]), meta["max_abs"]["edit_image"], what="edit_image")
 
 
 def test_bad_inputs_raise(gen, io):
@@ -111,33 +112,64 @@ def test_bad_inputs_raise(gen, io):
     stylegan3.StyleGAN3(config, gen.params)
 
 
+def test_params_are_checked_against_the_module_tree(gen):
+  """The Flax module's parameter tree (`param_shapes`) is the converted layout, the
+  filters' shapes taken from the parameters; a bad parameter is one `ValueError`
+  naming it."""
+  name = gen.cfg.layers[2].name
+  assert gen.cfg.layers[2].up_filter == gen.params["layers"][name]["up_filter"].shape
+  assert gen.cfg.layers[-1].up_filter is None  # ToRGB has no filters.
+  shapes = jax.tree.map(lambda s: s.shape, stylegan3.param_shapes(gen.cfg))
+  assert shapes == jax.tree.map(np.shape, gen.params)
+  params = jax.tree.map(np.asarray, gen.params)
+  del params["layers"][name]["magnitude_ema"]
+  with pytest.raises(
+    ValueError,
+    match=rf"parameters under /layers/{name}: missing "
+    r"\['magnitude_ema'\]",
+  ):
+    stylegan3.StyleGAN3(gen.config, params)
+  params = jax.tree.map(np.asarray, gen.params)
+  params["layers"][name]["down_filter"] = np.ones((2, 3, 4), np.float32)
+  with pytest.raises(ValueError, match=rf"layers/{name}/down_filter must be \[t\]"):
+    stylegan3.StyleGAN3(gen.config, params)
+  with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+    stylegan3.StyleGAN3({**gen.config, "extra": 1}, gen.params)
+
+
 # --- A float64 NumPy transcription of NVIDIA's reference ops (NCHW). ---
+
 
 def np_synthesis_layer(rec, x, w):
   """One `SynthesisLayer.forward` (NCHW, float64), batch-wide style normalisation."""
   s = rec.state
   affine = nvidia.child(rec, "affine")
-  styles = (w @ (nvidia.tensor(affine, "weight").astype(np.float64) * affine.state["weight_gain"]).T
-            + nvidia.tensor(affine, "bias") * affine.state["bias_gain"])
+  styles = (
+    w @ (nvidia.tensor(affine, "weight").astype(np.float64) * affine.state["weight_gain"]).T
+    + nvidia.tensor(affine, "bias") * affine.state["bias_gain"]
+  )
   weight = nvidia.tensor(rec, "weight").astype(np.float64)  # [o, i, k, k]
   k = weight.shape[-1]
   if s["is_torgb"]:
     styles = styles / np.sqrt(s["in_channels"] * k * k)
   else:
-    weight = weight / np.sqrt(np.mean(weight ** 2, axis=(1, 2, 3), keepdims=True))
-    styles = styles / np.sqrt(np.mean(styles ** 2))
+    weight = weight / np.sqrt(np.mean(weight**2, axis=(1, 2, 3), keepdims=True))
+    styles = styles / np.sqrt(np.mean(styles**2))
   wm = weight[None] * styles[:, None, :, None, None]  # [n, o, i, k, k]
   if not s["is_torgb"]:
-    wm = wm / np.sqrt(np.sum(wm ** 2, axis=(2, 3, 4), keepdims=True) + 1e-8)
+    wm = wm / np.sqrt(np.sum(wm**2, axis=(2, 3, 4), keepdims=True) + 1e-8)
   wm = wm / np.sqrt(float(nvidia.tensor(rec, "magnitude_ema").reshape(())))
   xp = np.pad(x, ((0, 0), (0, 0), (k - 1, k - 1), (k - 1, k - 1)))
   h, wd = x.shape[2] + k - 1, x.shape[3] + k - 1
-  y = sum(np.einsum("nihw,noi->nohw", xp[:, :, a:a + h, b:b + wd], wm[:, :, :, a, b])
-          for a in range(k) for b in range(k))
+  y = sum(
+    np.einsum("nihw,noi->nohw", xp[:, :, a : a + h, b : b + wd], wm[:, :, :, a, b])
+    for a in range(k)
+    for b in range(k)
+  )
   bufs = s["_buffers"]
   y = y + nvidia.tensor(rec, "bias")[None, :, None, None]
   up, down = s["up_factor"], s["down_factor"]
-  y = np_upfirdn2d(y, bufs["up_filter"], up=up, padding=s["padding"], gain=up ** 2)
+  y = np_upfirdn2d(y, bufs["up_filter"], up=up, padding=s["padding"], gain=up**2)
   if not s["is_torgb"]:
     y = np.where(y >= 0, y, 0.2 * y) * np.sqrt(2)
   y = np.clip(y, -s["conv_clamp"], s["conv_clamp"])
@@ -152,8 +184,9 @@ def test_numpy_reference_matches_fixture(g_ema, io, meta):
   y = np_synthesis_layer(nvidia.child(syn, names[2]), io["features_2"][:2], ws[:, 3])
   assert_close(y, io["features_3"][:2], meta["max_abs"]["features_3"], what="L2")
   y = np_synthesis_layer(nvidia.child(syn, names[-1]), io["features_6"][:2], ws[:, -1])
-  assert_close(y * syn.state["output_scale"], io["image"][:2], meta["max_abs"]["image"],
-               what="ToRGB")
+  assert_close(
+    y * syn.state["output_scale"], io["image"][:2], meta["max_abs"]["image"], what="ToRGB"
+  )
 
 
 def radial_lowpass(numtaps, cutoff, width, fs):
@@ -177,22 +210,34 @@ def to_config_r(g, seed=0):
     s = dict(modules[name].state)
     if not s["is_torgb"]:
       o, i = s["out_channels"], s["in_channels"]
-      s["_parameters"] = {**s["_parameters"],
-                          "weight": rng.standard_normal((o, i, 1, 1)).astype(np.float32)}
+      s["_parameters"] = {
+        **s["_parameters"],
+        "weight": rng.standard_normal((o, i, 1, 1)).astype(np.float32),
+      }
       s["conv_kernel"] = 1
       if not s["is_critically_sampled"]:
         s["down_radial"] = True
-        s["_buffers"] = {**s["_buffers"], "down_filter": radial_lowpass(
-            s["down_taps"], s["out_cutoff"], s["out_half_width"] * 2, s["tmp_sampling_rate"])}
-      total = ((s["out_size"] - 1) * s["down_factor"] + 1
-               - (s["in_size"] + s["conv_kernel"] - 1) * s["up_factor"]
-               + s["up_taps"] + s["down_taps"] - 2)
+        s["_buffers"] = {
+          **s["_buffers"],
+          "down_filter": radial_lowpass(
+            s["down_taps"], s["out_cutoff"], s["out_half_width"] * 2, s["tmp_sampling_rate"]
+          ),
+        }
+      total = (
+        (s["out_size"] - 1) * s["down_factor"]
+        + 1
+        - (s["in_size"] + s["conv_kernel"] - 1) * s["up_factor"]
+        + s["up_taps"]
+        + s["down_taps"]
+        - 2
+      )
       lo = (total + s["up_factor"]) // 2
       s["padding"] = [int(lo[0]), int((total - lo)[0]), int(lo[1]), int((total - lo)[1])]
     modules[name] = dataclasses.replace(modules[name], state=s)
   syn = dataclasses.replace(syn, state={**syn.state, "_modules": modules})
-  return dataclasses.replace(g, state={**g.state, "_modules": {**g.state["_modules"],
-                                                               "synthesis": syn}})
+  return dataclasses.replace(
+    g, state={**g.state, "_modules": {**g.state["_modules"], "synthesis": syn}}
+  )
 
 
 def test_config_r_matches_numpy_reference(g_ema, io, meta, torch_files, tmp_path):
@@ -218,5 +263,6 @@ def test_config_r_matches_numpy_reference(g_ema, io, meta, torch_files, tmp_path
   image = nhwc(image) * syn.state["output_scale"]
   generated = gen.generate(ws)
   assert_close(generated, image, np.abs(image).max(), what="R image")
-  assert_close(gen.resume(x, carry, ws, 5), generated, np.abs(image).max(), tol=1e-6,
-               what="R resume")
+  assert_close(
+    gen.resume(x, carry, ws, 5), generated, np.abs(image).max(), tol=1e-6, what="R resume"
+  )

@@ -6,6 +6,7 @@ transcription of genforce's `StyleGANGenerator` (NCHW, torch weight layouts)
 run on a synthesised 128x128 state dict, where `fused_scale="auto"` fuses the
 last up-conv, with other widths, mapping depth and truncation cutoff.
 """
+
 import os
 
 import jax
@@ -23,6 +24,7 @@ from converters import genforce
 from converters import safe_pickle
 from converters.errors import ConversionError
 from panda_jax import generators
+from panda_jax.generators import stylegan1
 
 FAMILY = "stylegan"  # The conftest fixtures `gen` and `io`.
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,8 +49,11 @@ def np_blur(x, kernel):
   """Depthwise 3x3 conv, padding 1; `kernel [c, 1, 3, 3]` (genforce's buffer)."""
   xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
   h, w = x.shape[2:]
-  return sum(xp[:, :, a:a + h, b:b + w] * kernel[None, :, 0, a, b, None, None]
-             for a in range(3) for b in range(3))
+  return sum(
+    xp[:, :, a : a + h, b : b + w] * kernel[None, :, 0, a, b, None, None]
+    for a in range(3)
+    for b in range(3)
+  )
 
 
 def np_synthesis(sd, wp, fused_from=128):
@@ -71,7 +76,7 @@ def np_synthesis(sd, wp, fused_from=128):
     x = x + sd[f"{p}.apply_noise.noise"] * sd[f"{p}.apply_noise.weight"][None, :, None, None]
     x = np_lrelu(x + sd[f"{p}.bias"][None, :, None, None])
     x = x - x.mean(axis=(2, 3), keepdims=True)
-    x = x / np.sqrt(np.mean(x ** 2, axis=(2, 3), keepdims=True) + 1e-8)
+    x = x / np.sqrt(np.mean(x**2, axis=(2, 3), keepdims=True) + 1e-8)
     s = sd[f"{p}.style.weight"]
     style = wp[:, i] @ (s / np.sqrt(s.shape[1])).T + sd[f"{p}.style.bias"]
     c = x.shape[1]
@@ -82,8 +87,9 @@ def np_synthesis(sd, wp, fused_from=128):
   return features, img + sd[f"synthesis.output{num_layers // 2 - 1}.bias"][None, :, None, None]
 
 
-def synth_stylegan(rng, resolution, z_dim, w_dim, mapping_layers, mapping_fmaps,
-                   fmaps_base, fmaps_max):
+def synth_stylegan(
+  rng, resolution, z_dim, w_dim, mapping_layers, mapping_fmaps, fmaps_base, fmaps_max
+):
   """A random genforce StyleGAN state dict (torch layouts, lr_mul 0.01)."""
   f32 = lambda *shape, scale=1.0: (scale * rng.standard_normal(shape)).astype(np.float32)
   nf = lambda res: min(fmaps_base // res, fmaps_max)
@@ -123,8 +129,9 @@ def synth_stylegan(rng, resolution, z_dim, w_dim, mapping_layers, mapping_fmaps,
 
 @pytest.fixture(scope="module")
 def wp(gen, io):
-  return gen.latents(io["z"], truncation_psi=float(io["trunc_psi"]),
-                     truncation_cutoff=int(io["trunc_layers"]))
+  return gen.latents(
+    io["z"], truncation_psi=float(io["trunc_psi"]), truncation_cutoff=int(io["trunc_layers"])
+  )
 
 
 def test_fixture_mapping_and_truncation(gen, io, wp):
@@ -167,17 +174,84 @@ def test_bad_inputs_raise(gen, io, wp):
     gen.latents(io["z"], truncation_psi=0.5, truncation_cutoff=-1)
 
 
+# --- The Flax module: the converted layout; bad configs and params name the key. ---
+
+
+def test_module_params_are_the_converted_layout(gen):
+  shapes = stylegan1.param_shapes(gen.cfg)
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, gen.params)
+  assert gen.cfg.channels == (64,) * 6 + (32,) * 2  # Read from the biases.
+  assert gen.cfg.mapping_channels == (512, 64)
+
+
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (
+      lambda c, p: c.pop("w_dim"),
+      r"^StyleGAN config: missing keys \['w_dim'\], unknown keys \[\]$",
+    ),
+    (
+      lambda c, p: c.update(fused_scale="yes"),
+      r"fused_scale must be true, false or 'auto', got 'yes'$",
+    ),
+    (lambda c, p: c.update(resolution=4), r"resolution must be one of .*, got 4$"),
+    (lambda c, p: p.pop("mapping"), r"^parameter /mapping/dense0 is missing"),
+    (
+      lambda c, p: p["mapping"]["dense1"].update(bias=np.zeros(32)),
+      r"mapping's last layer must have w_dim = 64 outputs, got mapping_channels \(512, 32\)$",
+    ),
+    (
+      lambda c, p: p["mapping"].update(dense3=p["mapping"]["dense1"]),
+      r"^parameters under /mapping: missing \[\], extra \['dense3'\]$",
+    ),
+    (lambda c, p: p.pop("w_avg"), r"^parameters under /: missing \['w_avg'\], extra \[\]$"),
+    (
+      lambda c, p: p["layer0"].update(weight=np.zeros((3, 3, 64, 64))),
+      r"^parameters under /layer0: missing \[\], extra \['weight'\]$",
+    ),
+    (
+      lambda c, p: p["layer3"].update(noise=np.zeros((1, 4, 4, 1))),
+      r"^parameter /layer3/noise has shape \(1, 4, 4, 1\), expected \(1, 8, 8, 1\)$",
+    ),
+    (
+      lambda c, p: p["layer6"]["style"].update(weight=np.zeros((64, 128))),
+      r"^parameter /layer6/style/weight has shape \(64, 128\), expected \(64, 64\)$",
+    ),
+  ],
+)
+def test_bad_config_or_params_name_the_key(gen, edit, message):
+  config, params = dict(gen.config), jax.tree.map(np.asarray, gen.params)
+  edit(config, params)
+  with pytest.raises(ValueError, match=message):
+    stylegan1.StyleGAN(config, params)
+
+
 # --- Beyond the fixture: 128x128 (a fused up-conv), other widths and cutoff. ---
 
 
 def test_synthesised_config_matches_numpy_reference():
   rng = np.random.default_rng(5)
-  sd = synth_stylegan(rng, resolution=128, z_dim=8, w_dim=8, mapping_layers=3,
-                      mapping_fmaps=16, fmaps_base=256, fmaps_max=8)
+  sd = synth_stylegan(
+    rng,
+    resolution=128,
+    z_dim=8,
+    w_dim=8,
+    mapping_layers=3,
+    mapping_fmaps=16,
+    fmaps_base=256,
+    fmaps_max=8,
+  )
   arch, config, params = genforce.convert_state_dict(sd)
   assert arch == "stylegan"
-  assert config == {"resolution": 128, "z_dim": 8, "w_dim": 8, "image_channels": 3,
-                    "fused_scale": "auto", "final_tanh": False}
+  assert config == {
+    "resolution": 128,
+    "z_dim": 8,
+    "w_dim": 8,
+    "image_channels": 3,
+    "fused_scale": "auto",
+    "final_tanh": False,
+  }
   gen = generators.base.registered()[arch].from_converted(config, params)
   assert gen.num_layers == 12
   z = rng.standard_normal((2, 8)).astype(np.float32)
@@ -206,19 +280,22 @@ def test_generator_smooth_is_preferred():
   assert genforce.state_dict(ckpt) is ckpt["generator_smooth"]
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda sd: sd.update({"synthesis.lod": np.full((), 2.0, np.float32)}),
-     "level of detail"),
-    (lambda sd: sd.update({"mapping.label_weight": np.ones((10, 64), np.float32)}),
-     "conditional"),
-    (lambda sd: sd.update({"synthesis.layer2.blur.kernel": np.ones((64, 1, 3, 3),
-                                                                   np.float32)}),
-     r"\[1, 2, 1\] blur"),
-    (lambda sd: sd.update({"truncation.w_avg": np.ones(512, np.float32)}),
-     "repeat_w"),
-    (lambda sd: sd.pop("synthesis.layer5.apply_noise.noise"),
-     "missing tensor synthesis.layer5.apply_noise.noise"),
-])
+@pytest.mark.parametrize(
+  "edit, message",
+  [
+    (lambda sd: sd.update({"synthesis.lod": np.full((), 2.0, np.float32)}), "level of detail"),
+    (lambda sd: sd.update({"mapping.label_weight": np.ones((10, 64), np.float32)}), "conditional"),
+    (
+      lambda sd: sd.update({"synthesis.layer2.blur.kernel": np.ones((64, 1, 3, 3), np.float32)}),
+      r"\[1, 2, 1\] blur",
+    ),
+    (lambda sd: sd.update({"truncation.w_avg": np.ones(512, np.float32)}), "repeat_w"),
+    (
+      lambda sd: sd.pop("synthesis.layer5.apply_noise.noise"),
+      "missing tensor synthesis.layer5.apply_noise.noise",
+    ),
+  ],
+)
 def test_conversion_is_strict(edit, message):
   sd = dict(genforce.state_dict(safe_pickle.load(os.path.join(FIXTURE, "stylegan.pth"))))
   edit(sd)

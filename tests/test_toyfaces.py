@@ -7,6 +7,7 @@ colour-consistency ratio (within-part over between-part colour variance) is
 < 0.25 on data and < GENERATED_RATIO on generated samples, and far larger once
 labels and pixels are decoupled (labels of another sample, upside down).
 """
+
 import configparser
 import dataclasses
 import glob
@@ -18,11 +19,10 @@ import numpy as np
 import pytest
 
 import panda_jax
-from experiments import toy_gan
-from experiments import train_toy_gan
 from panda_jax import generators
 from panda_jax import parts_eval
 from panda_jax.data import toyfaces
+from panda_jax.data import toyfaces_gan
 from panda_jax.generators import base
 
 PARTS = toyfaces.PARTS
@@ -30,8 +30,14 @@ PARTS = toyfaces.PARTS
 # Colour-consistency ratio bound for the shipped generator (measured 0.34-0.39 on
 # z seeds 0-2; data: 0.15; labels of another sample upside down: 0.97-1.25).
 GENERATED_RATIO = 0.5
-AREAS = dict(background=(0.1, 0.75), hair=(0.03, 0.5), skin=(0.08, 0.5), nose=(0.002, 0.03),
-             eyes=(0.005, 0.1), mouth=(0.004, 0.06))
+AREAS = dict(
+  background=(0.1, 0.75),
+  hair=(0.03, 0.5),
+  skin=(0.08, 0.5),
+  nose=(0.002, 0.03),
+  eyes=(0.005, 0.1),
+  mouth=(0.004, 0.06),
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +76,13 @@ def test_masks_match_pixels(data):
   rgb = (b.images + 1) / 2  # [n, h, w, 3] in [0, 1]
   pure = np.ones(b.labels.shape, bool)
   atol = 2e-6
-  colours = dict(hair=[params.hair], skin=[params.skin], nose=[params.nose],
-                 eyes=[params.sclera, params.iris, params.eyelid],
-                 mouth=[params.lips, params.lips * 0.35])
+  colours = dict(
+    hair=[params.hair],
+    skin=[params.skin],
+    nose=[params.nose],
+    eyes=[params.sclera, params.iris, params.eyelid],
+    mouth=[params.lips, params.lips * 0.35],
+  )
   for part, options in colours.items():
     mask = pure & (b.labels == PARTS.index(part))  # [n, h, w]
     idx = np.nonzero(mask)
@@ -100,8 +110,11 @@ def test_every_part_present_with_plausible_area(data):
   areas = toyfaces.part_areas(data[1].labels)  # [n, P]
   for k, part in enumerate(PARTS):
     lo, hi = AREAS[part]
-    assert areas[:, k].min() >= lo and areas[:, k].max() <= hi, (part, areas[:, k].min(),
-                                                                  areas[:, k].max())
+    assert areas[:, k].min() >= lo and areas[:, k].max() <= hi, (
+      part,
+      areas[:, k].min(),
+      areas[:, k].max(),
+    )
   # Appearances and shapes vary: both eye states and all mouth shapes occur.
   params = data[0]
   assert 0.6 < params.eyes_open.mean() < 0.9
@@ -143,9 +156,12 @@ def test_layout_bounds_and_alignment(data):
   assert np.abs(p.background[:, 1] - p.background[:, 0]).max() <= 0.5
   wide = toyfaces.Layout(shift=(0.06, 0.05), scale=(1.25, 1.5), angle=12.0, turn=1.0)
   eyes, mouth = PARTS.index("eyes"), PARTS.index("mouth")
-  bound = {name: np.asarray(parts_eval.fixed_region_bound(
-      toyfaces.sample(0, 512, layout=lay).labels, len(PARTS))) for name, lay in
-           (("default", layout), ("wide", wide))}
+  bound = {
+    name: np.asarray(
+      parts_eval.fixed_region_bound(toyfaces.sample(0, 512, layout=lay).labels, len(PARTS))
+    )
+    for name, lay in (("default", layout), ("wide", wide))
+  }
   assert bound["default"][eyes] >= 0.6 and bound["default"][mouth] >= 0.6, bound
   assert bound["wide"][eyes] < bound["default"][eyes] - 0.15, bound
   assert bound["wide"][mouth] < bound["default"][mouth] - 0.15, bound
@@ -154,8 +170,12 @@ def test_layout_bounds_and_alignment(data):
 def test_bad_input():
   with pytest.raises(ValueError, match="n must be"):
     toyfaces.sample_params(np.random.default_rng(0), 0)
-  for bad in (toyfaces.Layout(shift=(-0.1, 0.0)), toyfaces.Layout(scale=(1.4, 1.3)),
-              toyfaces.Layout(angle=-1.0), toyfaces.Layout(turn=2.0)):
+  for bad in (
+    toyfaces.Layout(shift=(-0.1, 0.0)),
+    toyfaces.Layout(scale=(1.4, 1.3)),
+    toyfaces.Layout(angle=-1.0),
+    toyfaces.Layout(turn=2.0),
+  ):
     with pytest.raises(ValueError, match="layout needs"):
       toyfaces.sample_params(0, 4, bad)
   with pytest.raises(ValueError, match="resolution"):
@@ -210,16 +230,24 @@ def test_names_resolve_before_paths(tmp_path):
   assert base.resolve("no-such-name") == os.path.abspath("no-such-name")
 
 
-TINY = toy_gan.GanConfig(resolution=8, z_dim=8, w_dim=8, mapping_layers=1, g_channels=(16, 8),
-                         d_channels=(8, 16), batch_size=4, r1_interval=1)  # One step variant.
+TINY = toyfaces_gan.GanConfig(
+  resolution=8,
+  z_dim=8,
+  w_dim=8,
+  mapping_layers=1,
+  g_channels=(16, 8),
+  d_channels=(8, 16),
+  batch_size=4,
+  r1_interval=1,
+)  # One step variant.
 
 
 def test_train_runs_resumes_and_exports(tmp_path):
   out = str(tmp_path / "run")
   kw = dict(checkpoint_every=1, log_every=1, sample_every=2)
-  state = train_toy_gan.train(out, TINY, steps=2, **kw)
+  state = toyfaces_gan.train(out, TINY, steps=2, **kw)
   assert int(state.step) == 2
-  state = train_toy_gan.train(out, TINY, steps=3, export=str(tmp_path / "gen"), **kw)
+  state = toyfaces_gan.train(out, TINY, steps=3, export=str(tmp_path / "gen"), **kw)
   assert int(state.step) == 3
   lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2, 3]
@@ -227,10 +255,10 @@ def test_train_runs_resumes_and_exports(tmp_path):
   assert all(l["r1"] > 0 for l in lines)  # R1 at every step.
   assert (tmp_path / "run" / "samples_000002.png").exists()
   with pytest.raises(ValueError, match="another configuration"):
-    train_toy_gan.train(out, dataclasses.replace(TINY, batch_size=8), steps=4)
+    toyfaces_gan.train(out, dataclasses.replace(TINY, batch_size=8), steps=4)
   gen = generators.load(tmp_path / "gen")
   assert gen.config["source"]["steps"] == 3
   z = jax.random.normal(jax.random.key(0), (2, TINY.z_dim))
   img = gen.generate(gen.latents(z))
-  ref, _ = toy_gan.generate(state.g_ema, state.w_avg, z, TINY)
+  ref, _ = toyfaces_gan.generate(state.g_ema, state.w_avg, z, TINY)
   np.testing.assert_allclose(img, ref, atol=1e-5)

@@ -1,4 +1,5 @@
 """Figures are written as non-empty PNGs whose panels show different content."""
+
 import numpy as np
 import pytest
 from matplotlib import image as mimage
@@ -13,7 +14,7 @@ def _parts():
   parts = np.zeros((S, RS), np.float32)
   for k in range(RS):  # quadrants
     grid = np.zeros((H, W), np.float32)
-    grid[(k // 2) * 2:(k // 2) * 2 + 2, (k % 2) * 2:(k % 2) * 2 + 2] = 1
+    grid[(k // 2) * 2 : (k // 2) * 2 + 2, (k % 2) * 2 : (k % 2) * 2 + 2] = 1
     parts[:, k] = grid.ravel()
   return parts
 
@@ -59,23 +60,33 @@ def test_plot_parts(tmp_path):
 
 def test_plot_parts_overlay(tmp_path):
   image = np.zeros((32, 32, 3), np.float32)
-  (plain, overlay), = _panels(
-      _read(viz.plot_parts_overlay(image, _parts(), str(tmp_path / "o.png"))))
+  ((plain, overlay),) = _panels(
+    _read(viz.plot_parts_overlay(image, _parts(), str(tmp_path / "o.png")))
+  )
   assert plain.std() < 0.01  # a flat grey image
-  colours = np.array([q.reshape(-1, 3).mean(0) for h in np.array_split(overlay, 2, 0)
-                      for q in np.array_split(h, 2, 1)])
-  assert np.min(np.linalg.norm(colours[:, None] - colours[None], axis=-1)
-                + np.eye(4)) > 0.05  # four distinct colours
+  colours = np.array(
+    [
+      q.reshape(-1, 3).mean(0)
+      for h in np.array_split(overlay, 2, 0)
+      for q in np.array_split(h, 2, 1)
+    ]
+  )
+  assert (
+    np.min(np.linalg.norm(colours[:, None] - colours[None], axis=-1) + np.eye(4)) > 0.05
+  )  # four distinct colours
   assert len({tuple(np.round(c, 3)) for c in viz.part_colours(25)}) == 25
 
 
 def test_plot_saliency(tmp_path):
   images = np.stack([_image(-0.5), _image(0.5)])
   maps = np.zeros((2, S, 2), np.float32)
-  maps[:, :S // 2, 0] = 1.0  # concept 0 in the top half, 1 in the bottom half
-  maps[:, S // 2:, 1] = 1.0
-  panels = _panels(_read(viz.plot_saliency(
-      images, maps, maps.mean((0, 1)), str(tmp_path / "s.png"), concepts=(0, 1))))
+  maps[:, : S // 2, 0] = 1.0  # concept 0 in the top half, 1 in the bottom half
+  maps[:, S // 2 :, 1] = 1.0
+  panels = _panels(
+    _read(
+      viz.plot_saliency(images, maps, maps.mean((0, 1)), str(tmp_path / "s.png"), concepts=(0, 1))
+    )
+  )
   assert [len(row) for row in panels] == [5, 5]
   assert panels[0][0].mean() + 0.2 < panels[1][0].mean()  # dark vs bright image
   for row in panels:
@@ -96,8 +107,9 @@ def test_plot_edit(tmp_path):
   for i in range(3):
     before, after, error = (panels[r][i] for r in range(3))
     assert after.mean() > before.mean() + 0.02  # the edit brightened the square
-    inner = error[error.shape[0] // 3:error.shape[0] // 2,
-                  error.shape[1] // 3:error.shape[1] // 2]
+    inner = error[
+      error.shape[0] // 3 : error.shape[0] // 2, error.shape[1] // 3 : error.shape[1] // 2
+    ]
     assert inner.mean() > error.mean() + 0.2  # the error lies in the square only
   with pytest.raises(ValueError, match="originals and edits"):
     viz.plot_edit(originals, edits[:2], str(tmp_path / "x.png"))
@@ -106,10 +118,48 @@ def test_plot_edit(tmp_path):
 def test_plot_ranking(tmp_path):
   top = np.stack([_image(0.9), _image(0.7), _image(0.5)])
   bottom = np.stack([_image(-0.9), _image(-0.7), _image(-0.5)])
-  path = viz.plot_ranking(top, bottom, str(tmp_path / "sub" / "r.png"),
-                          top_scores=[3.0, 2.0, 1.0], bottom_scores=[-3.0, -2.0, -1.0])
+  path = viz.plot_ranking(
+    top,
+    bottom,
+    str(tmp_path / "sub" / "r.png"),
+    top_scores=[3.0, 2.0, 1.0],
+    bottom_scores=[-3.0, -2.0, -1.0],
+  )
   panels = _panels(_read(path))
   means = np.array([[p.mean() for p in row] for row in panels])
   assert means.shape == (2, 3)
   assert np.all(np.diff(means[0]) < 0) and np.all(np.diff(means[1]) > 0)
   assert means[0].min() > means[1].max()
+
+
+def test_upsample_blocks_pixel_ranges_and_display():
+  field = np.arange(6).reshape(2, 3)
+  np.testing.assert_array_equal(
+    viz.upsample_blocks(field, (4, 6)), np.repeat(np.repeat(field, 2, 0), 2, 1)
+  )
+  np.testing.assert_array_equal(
+    viz.upsample_blocks(field[None], (2, 6), axis=1)[0], np.repeat(field, 2, 1)
+  )
+  np.testing.assert_array_equal(viz.upsample_blocks(field, (3, 3))[:, 0], [0, 0, 3])  # nearest
+  np.testing.assert_array_equal(viz.to_uint8(np.array([-2, -1, 0, 1, 2.0])), [0, 0, 128, 255, 255])
+  np.testing.assert_array_equal(viz.to_unit(np.array([-2, 0, 2.0])), [0, 0.5, 1])
+  grey = np.zeros((1, 4, 4, 1), np.float32)
+  assert viz.display(grey).shape == (4, 4, 3) and viz.display(grey).dtype == np.uint8
+  labelled = np.zeros((1, 4, 4, 9), np.float32)  # toy faces: RGB + 6 label channels
+  np.testing.assert_array_equal(viz.display(labelled), viz.to_uint8(labelled[0, ..., :3]))
+
+
+def test_one_palette_and_one_overlay():
+  """Each cell shows its part's `part_colours` colour; cells below `min_relative` stay plain."""
+  parts = _parts()
+  parts[0, 0] = 0.05  # cell 0: part 0 at 5% of its peak
+  labels = viz.part_labels(parts)
+  np.testing.assert_array_equal(labels.reshape(H, W)[::2, ::2], [[0, 1], [2, 3]])
+  assert viz.part_labels(parts, 0.1)[0] == -1 and viz.part_labels(parts)[0] == 0
+  image = np.full((8, 8, 3), 0.5)
+  tinted = viz.overlay_parts(image, parts, alpha=1.0)
+  for k in range(RS):
+    y, x = (k // 2) * 4 + 2, (k % 2) * 4 + 2
+    np.testing.assert_allclose(tinted[y, x], viz.part_colours(RS)[k])
+  plain = viz.overlay_parts(image, parts, alpha=1.0, min_relative=0.1)
+  np.testing.assert_array_equal(plain[:2, :2], image[:2, :2])

@@ -5,6 +5,7 @@ axes (right singular vectors of the centred data) are the edit directions,
 ordered by explained variance; an edit adds `alpha * sigma_k * v_k` to the W+
 codes of a layer range (`latent.shift`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,11 +29,13 @@ def fit(ws, num_components: int) -> latent.Directions:
   ws = latent.check_codes(ws).astype(np.float64)
   n, w_dim = ws.shape
   if not 1 <= num_components <= min(n, w_dim):
-    raise ValueError(f"num_components must be in [1, min(n, w_dim) = {min(n, w_dim)}], "
-                     f"got {num_components}")
+    raise ValueError(
+      f"num_components must be in [1, min(n, w_dim) = {min(n, w_dim)}], got {num_components}"
+    )
   centred = ws - ws.mean(axis=0)
   _, sv, vt = np.linalg.svd(centred, full_matrices=False)
   v = vt[:num_components]
   v = v * np.sign(v[np.arange(num_components), np.argmax(np.abs(v), axis=1)])[:, None]
-  return latent.Directions(v.astype(np.float32),
-                           (sv[:num_components] / np.sqrt(n)).astype(np.float32))
+  return latent.Directions(
+    v.astype(np.float32), (sv[:num_components] / np.sqrt(n)).astype(np.float32)
+  )

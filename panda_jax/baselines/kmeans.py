@@ -19,6 +19,7 @@ is a part. Three variants:
     cluster at each position over samples (what a global part can be made of
     k-means alone).
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,9 @@ def _fibres(features):
   if features.ndim == 4:
     features = jnp.reshape(features, (features.shape[0], -1, features.shape[-1]))
   if features.ndim != 3:
-    raise ValueError(f"features must be [n, h, w, c] or [n, s, c], got shape "
-                     f"{tuple(features.shape)}")
+    raise ValueError(
+      f"features must be [n, h, w, c] or [n, s, c], got shape {tuple(features.shape)}"
+    )
   return features
 
 
@@ -49,6 +51,7 @@ def _check(k: int, num_points: int, restarts: int, iterations: int) -> None:
 
 def _kmeans(key, points, k: int, restarts: int, iterations: int):
   """`(labels [m], inertia)` of the best of `restarts` k-means++ / Lloyd runs on `[m, d]`."""
+
   def run(key):
     centres = parts_init._kmeans_pp(key, points, k)  # pylint: disable=protected-access
     return parts_init._lloyd(points, centres, iterations)  # pylint: disable=protected-access
@@ -72,7 +75,7 @@ def _pooled(key, points, *, k: int, restarts: int, iterations: int):
 
 def centres_of(points, labels, k: int):
   """`[k, d]` mean of the points of each label (0 for an empty one)."""
-  one_hot = jax.nn.one_hot(labels, k, dtype=points.dtype)                   # [m, k]
+  one_hot = jax.nn.one_hot(labels, k, dtype=points.dtype)  # [m, k]
   return (one_hot.T @ points) / jnp.maximum(one_hot.sum(0), 1.0)[:, None]
 
 
@@ -105,8 +108,9 @@ def assign(features, centres):
   centres = jnp.asarray(centres, jnp.float32)
   if centres.ndim != 2 or centres.shape[1] != z.shape[-1]:
     raise ValueError(f"centres must be [k, c={z.shape[-1]}], got shape {tuple(centres.shape)}")
-  dist = (jnp.sum(centres**2, 1)[None, None, :]
-          - 2.0 * jnp.einsum("nsc,kc->nsk", z, centres))                  # [n, s, k] + const
+  dist = jnp.sum(centres**2, 1)[None, None, :] - 2.0 * jnp.einsum(
+    "nsc,kc->nsk", z, centres
+  )  # [n, s, k] + const
   return jax.nn.one_hot(jnp.argmin(dist, axis=-1), centres.shape[0], dtype=jnp.float32)
 
 

@@ -4,6 +4,7 @@ A direction `v [w_dim]` moves the W+ codes `ws [n, num_ws, w_dim]` of the
 layers `start .. stop-1`: `ws[:, l] + alpha * v` (GANSpace's layer-range edits;
 SeFa edits the codes of the layers whose kernels it factorised).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -14,8 +15,9 @@ import numpy as np
 
 class Directions(NamedTuple):
   """Unit directions in W with the spread of the codes along each."""
+
   directions: np.ndarray  # [k, w_dim], unit rows.
-  scales: np.ndarray      # [k], standard deviation of `w . v_k` over W samples.
+  scales: np.ndarray  # [k], standard deviation of `w . v_k` over W samples.
 
 
 def check_codes(ws, name: str = "ws"):
@@ -54,6 +56,9 @@ def layer_ranges(num_ws: int, width: int = 2) -> list[tuple[int, int]]:
   if num_ws < 1 or width < 1:
     raise ValueError(f"need num_ws >= 1 and width >= 1, got {num_ws} and {width}")
   ranges = [(0, num_ws)]
-  ranges += [(a, min(a + width, num_ws)) for a in range(0, num_ws, width)
-             if (a, min(a + width, num_ws)) != (0, num_ws)]
+  ranges += [
+    (a, min(a + width, num_ws))
+    for a in range(0, num_ws, width)
+    if (a, min(a + width, num_ws)) != (0, num_ws)
+  ]
   return ranges

@@ -8,6 +8,7 @@ changes nothing cannot win); its ROIR is then reported on a disjoint test split.
 Splits are ranges of sample indices (sample i has the latents of
 `fold_in(key, i)`, `generator_ops.sample_latents`).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -20,8 +21,8 @@ from panda_jax import metrics
 
 class Splits(NamedTuple):
   train: np.ndarray  # [num_train] sample indices the methods are fitted on.
-  val: np.ndarray    # [num_val] where candidates are chosen.
-  test: np.ndarray   # [num_test] where the chosen edits are reported.
+  val: np.ndarray  # [num_val] where candidates are chosen.
+  test: np.ndarray  # [num_test] where the chosen edits are reported.
 
 
 def splits(num_train: int, num_val: int, num_test: int) -> Splits:
@@ -34,18 +35,18 @@ def splits(num_train: int, num_val: int, num_test: int) -> Splits:
 
 
 def _masked_norms(originals, edits, masks):
-  """`(inside, outside)` `[n]` norms of the change, as in Eq. (13)."""
+  """`(inside, outside)` `[n]` squared norms of the change (`metrics.masked_norms`, Eq. 13),
+  masks `[n, H, W]` (binary here: the protocol's ROIs)."""
   if originals.ndim != 4 or edits.shape != originals.shape:
-    raise ValueError(f"originals and edits must both be [n, H, W, ch], got "
-                     f"{tuple(originals.shape)} and {tuple(edits.shape)}")
+    raise ValueError(
+      f"originals and edits must both be [n, H, W, ch], got "
+      f"{tuple(originals.shape)} and {tuple(edits.shape)}"
+    )
   if masks.shape != originals.shape[:3]:
-    raise ValueError(f"masks must be [n, H, W] = {tuple(originals.shape[:3])}, got "
-                     f"{tuple(masks.shape)}")
-  m = jnp.asarray(masks, originals.dtype)[..., None]
-  sq = jnp.square(originals - edits)                       # [n, H, W, ch]
-  inside = jnp.sum(m * sq, axis=(1, 2, 3))
-  outside = jnp.sum((1 - m) * sq, axis=(1, 2, 3))
-  return inside, outside
+    raise ValueError(
+      f"masks must be [n, H, W] = {tuple(originals.shape[:3])}, got {tuple(masks.shape)}"
+    )
+  return metrics.masked_norms(originals, edits, jnp.asarray(masks, originals.dtype))
 
 
 def roi_change(originals, edits, masks):
@@ -66,6 +67,11 @@ def inside_share(originals, edits, masks):
   return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1), 0.0)
 
 
+def signed(strengths) -> list:
+  """Every strength with both signs: `[-t0, t0, -t1, t1, ...]` (the candidates' strengths)."""
+  return [s * t for t in strengths for s in (-1.0, 1.0)]
+
+
 def select(roirs, changes, threshold: float) -> Optional[int]:
   """The threshold rule: the candidate of smallest ROIR among those with change >= threshold.
 
@@ -80,8 +86,9 @@ def select(roirs, changes, threshold: float) -> Optional[int]:
   """
   roirs, changes = np.asarray(roirs, np.float64), np.asarray(changes, np.float64)
   if roirs.ndim != 1 or roirs.shape != changes.shape:
-    raise ValueError(f"roirs and changes must be [k] vectors of one length, got "
-                     f"{roirs.shape} and {changes.shape}")
+    raise ValueError(
+      f"roirs and changes must be [k] vectors of one length, got {roirs.shape} and {changes.shape}"
+    )
   eligible = np.flatnonzero(changes >= threshold)
   if eligible.size == 0:
     return None
@@ -101,16 +108,20 @@ def roi_statistics(originals, edits, masks, min_pixels: int = 1):
   Over the `m` samples whose ROI has at least `min_pixels` pixels (so samples
   whose ROI is empty, e.g. a face not detected, are left out).
   """
-  originals, edits, masks = (jnp.asarray(originals), jnp.asarray(edits),
-                             jnp.asarray(masks, jnp.float32))
+  originals, edits, masks = (
+    jnp.asarray(originals),
+    jnp.asarray(edits),
+    jnp.asarray(masks, jnp.float32),
+  )
   keep = np.asarray(jnp.sum(masks, axis=(1, 2))) >= min_pixels
   ratios = np.asarray(metrics.roir_per_sample(originals, edits, masks), np.float64)
   changes = np.asarray(roi_change(originals, edits, masks), np.float64)
   return ratios[keep], changes[keep]
 
 
-def choose_edits(render, candidates, originals, masks: dict, threshold: float,
-                 min_pixels: int = 1) -> dict:
+def choose_edits(
+  render, candidates, originals, masks: dict, threshold: float, min_pixels: int = 1
+) -> dict:
   """The threshold rule on a validation split, per ROI.
 
   Args:
@@ -137,9 +148,16 @@ def choose_edits(render, candidates, originals, masks: dict, threshold: float,
   chosen = {}
   for roi, (cands, roirs, changes) in scores.items():
     index = select(roirs, changes, threshold) if cands else None
-    chosen[roi] = None if index is None else dict(
-        candidate=cands[index], val_roir=roirs[index], val_change=changes[index],
-        num_candidates=len(cands))
+    chosen[roi] = (
+      None
+      if index is None
+      else dict(
+        candidate=cands[index],
+        val_roir=roirs[index],
+        val_change=changes[index],
+        num_candidates=len(cands),
+      )
+    )
   return chosen
 
 
@@ -152,12 +170,23 @@ def report_edits(render, chosen: dict, originals, masks: dict, min_pixels: int =
   out = {}
   for roi, pick in chosen.items():
     if pick is None:
-      out[roi] = dict(mean=None, std=None, median=None, n=0,
-                      note="no candidate reached the threshold")
+      out[roi] = dict(
+        mean=None, std=None, median=None, n=0, note="no candidate reached the threshold"
+      )
       continue
-    ratios, changes = roi_statistics(originals, np.asarray(render(pick["candidate"])),
-                                     masks[roi], min_pixels)
-    out[roi] = dict(mean=float(np.mean(ratios)), std=float(np.std(ratios)),
-                    median=float(np.median(ratios)), n=int(ratios.size),
-                    roi_change=float(np.mean(changes)))
+    out[roi] = summary(
+      *roi_statistics(originals, np.asarray(render(pick["candidate"])), masks[roi], min_pixels)
+    )
   return out
+
+
+def summary(ratios, changes) -> dict:
+  """A chosen edit's test record: `{"mean", "std", "median", "n"}` of the ROIR `ratios`
+  `[m]` (population std) and `roi_change`, the mean of `changes` `[m]`."""
+  return dict(
+    mean=float(np.mean(ratios)),
+    std=float(np.std(ratios)),
+    median=float(np.median(ratios)),
+    n=int(np.size(ratios)),
+    roi_change=float(np.mean(changes)),
+  )

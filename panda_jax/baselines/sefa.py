@@ -6,6 +6,7 @@ styles by `||v K||`; SeFa's directions maximise `sum_l ||v K_l'||^2` over the
 layers' column-normalised kernels `K_l'`, i.e. they are the top eigenvectors
 of `K' K'^T` with `K' = [K_1', K_2', ...]` `[w_dim, sum_l c_l]`.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,8 +27,10 @@ def style_kernels(params, codes: Sequence[int]) -> list[np.ndarray]:
   for i in codes:
     name = f"convs_{i}"
     if name not in convs:
-      raise ValueError(f"W+ code {i} feeds no modulated conv (convs_0 .. convs_"
-                       f"{sum(k.startswith('convs_') for k in convs) - 1})")
+      raise ValueError(
+        f"W+ code {i} feeds no modulated conv (convs_0 .. convs_"
+        f"{sum(k.startswith('convs_') for k in convs) - 1})"
+      )
     kernels.append(np.asarray(convs[name]["affine"]["kernel"], np.float32))
   return kernels
 
@@ -48,7 +51,7 @@ def fit(kernels: Sequence, num_components: int, ws=None) -> latent.Directions:
   kernels = [np.asarray(k, np.float64) for k in kernels]
   if not kernels or any(k.ndim != 2 or k.shape[0] != kernels[0].shape[0] for k in kernels):
     raise ValueError("kernels must be a non-empty list of [w_dim, c_l] matrices with one w_dim")
-  stacked = np.concatenate(kernels, axis=1)                                  # [w_dim, sum c_l]
+  stacked = np.concatenate(kernels, axis=1)  # [w_dim, sum c_l]
   norms = np.linalg.norm(stacked, axis=0, keepdims=True)
   if not (np.isfinite(stacked).all() and (norms > 0).all()):
     raise ValueError("kernels must be finite with no all-zero column")
@@ -56,10 +59,10 @@ def fit(kernels: Sequence, num_components: int, ws=None) -> latent.Directions:
   if not 1 <= num_components <= w_dim:
     raise ValueError(f"num_components must be in [1, w_dim = {w_dim}], got {num_components}")
   stacked = stacked / norms
-  values, vectors = np.linalg.eigh(stacked @ stacked.T)                      # ascending
-  v = vectors[:, ::-1][:, :num_components].T                                 # [k, w_dim]
+  values, vectors = np.linalg.eigh(stacked @ stacked.T)  # ascending
+  v = vectors[:, ::-1][:, :num_components].T  # [k, w_dim]
   v = v * np.sign(v[np.arange(num_components), np.argmax(np.abs(v), axis=1)])[:, None]
-  scales = (np.ones(num_components) if ws is None else latent.projection_scales(ws, v))
+  scales = np.ones(num_components) if ws is None else latent.projection_scales(ws, v)
   return latent.Directions(v.astype(np.float32), np.asarray(scales, np.float32))
 
 

@@ -8,6 +8,7 @@ interest by the mean share of the image change they make inside it
 (`protocol.inside_share`), the role of StyleSpace's gradient-map localisation
 scores.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,9 +21,9 @@ from panda_jax.baselines import protocol
 
 
 class Channel(NamedTuple):
-  conv: int     # i: the modulated conv `convs_i` (reads W+ code i).
+  conv: int  # i: the modulated conv `convs_i` (reads W+ code i).
   channel: int  # j: its input channel.
-  std: float    # standard deviation of `s_i[:, j]` over samples.
+  std: float  # standard deviation of `s_i[:, j]` over samples.
 
 
 def num_convs(params) -> int:
@@ -70,8 +71,14 @@ def generate(gen, latents, conv: int, channel: int, delta):
   return with_params(gen, shifted_params(gen.params, conv, channel, delta)).generate(latents)
 
 
-def locality_scores(gen, latents, masks, strength: float,
-                    rgb: Callable = lambda images: images[..., :3], candidates=None):
+def locality_scores(
+  gen,
+  latents,
+  masks,
+  strength: float,
+  rgb: Callable = lambda images: images[..., :3],
+  candidates=None,
+):
   """Mean share of each channel edit's change inside each region: `[k, r]`.
 
   Args:

@@ -6,6 +6,7 @@ contiguous, like parts of an object), `A*` orthonormal `[c, r_c]` and
 `Lambda_i` random coefficients: the exact model of Eq. (1). A fit recovers the
 regions up to a permutation; `matched_iou` scores it.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -18,9 +19,9 @@ from panda_jax import parts_eval
 
 
 class Planted(NamedTuple):
-  features: jax.Array     # [n, h, w, c]
-  labels: jax.Array       # [s] int32, region of each position
-  parts: jax.Array        # [s, r_s] orthonormal region indicators (P*)
+  features: jax.Array  # [n, h, w, c]
+  labels: jax.Array  # [s] int32, region of each position
+  parts: jax.Array  # [s, r_s] orthonormal region indicators (P*)
   appearances: jax.Array  # [c, r_c] orthonormal (A*)
 
 
@@ -33,8 +34,16 @@ def voronoi_regions(key, height: int, width: int, num_regions: int) -> jax.Array
   return jnp.argmin(dist, axis=1).astype(jnp.int32)
 
 
-def planted(key, num_samples: int = 64, height: int = 8, width: int = 8, channels: int = 32,
-            rank_c: int = 6, rank_s: int = 4, noise: float = 0.05) -> Planted:
+def planted(
+  key,
+  num_samples: int = 64,
+  height: int = 8,
+  width: int = 8,
+  channels: int = 32,
+  rank_c: int = 6,
+  rank_s: int = 4,
+  noise: float = 0.05,
+) -> Planted:
   """Samples features from the separable model of Eq. (1) with known factors."""
   k_regions, k_app, k_coef, k_noise = jax.random.split(key, 4)
   labels = voronoi_regions(k_regions, height, width, rank_s)
@@ -58,8 +67,8 @@ def matched_iou(parts, labels, num_regions: int | None = None) -> np.ndarray:
   predicted = np.asarray(parts_eval.assign_parts(parts))
   labels = np.asarray(labels)
   num_regions = num_regions or int(labels.max()) + 1
-  pred = predicted[:, None] == np.arange(parts.shape[1])[None]        # [s, r_s]
-  true = labels[:, None] == np.arange(num_regions)[None]              # [s, regions]
+  pred = predicted[:, None] == np.arange(parts.shape[1])[None]  # [s, r_s]
+  true = labels[:, None] == np.arange(num_regions)[None]  # [s, regions]
   inter = pred.T.astype(np.float64) @ true
   union = pred.sum(0)[:, None] + true.sum(0)[None] - inter
   iou = inter / np.maximum(union, 1)

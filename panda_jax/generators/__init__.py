@@ -8,6 +8,7 @@
 Each architecture module registers its `Generator` subclass on import; the
 list below imports them all (one line per architecture).
 """
+
 from panda_jax.generators import base
 from panda_jax.generators.base import Generator, load, register, save_converted
 
@@ -15,7 +16,7 @@ __all__ = ["base", "Generator", "load", "register", "save_converted"]
 
 from panda_jax.generators import stylegan2  # noqa: F401  (registers "stylegan2")
 from panda_jax.generators import biggan  # noqa: F401  (registers "biggan")
-from panda_jax.generators import pggan  # noqa: F401  (registers "pggan")
-from panda_jax.generators import stylegan  # noqa: F401  (registers "stylegan")
+from panda_jax.generators import progan  # noqa: F401  (registers "pggan")
+from panda_jax.generators import stylegan1  # noqa: F401  (registers "stylegan")
 from panda_jax.generators import stylegan3  # noqa: F401  (registers "stylegan3")
 from panda_jax.generators import dcgan  # noqa: F401  (registers "dcgan")

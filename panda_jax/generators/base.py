@@ -9,6 +9,7 @@ Layers are numbered per architecture (`tests/fixtures/README.md`); `split`
 stops after `layer` layers and `resume` runs the rest, so that for every valid
 `l`: `resume(*split(lat, l), lat, l) == generate(lat)`.
 """
+
 from __future__ import annotations
 
 import abc
@@ -19,6 +20,8 @@ import shutil
 import tempfile
 from typing import Any, ClassVar
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -40,6 +43,7 @@ class Generator(abc.ABC):
   the architecture's options, `params` a pytree of arrays. All methods are
   jittable functions of their array arguments; `layer` is static.
   """
+
   arch: ClassVar[str]
 
   def __init__(self, config: dict, params: Any):
@@ -82,13 +86,13 @@ class Generator(abc.ABC):
       raise ValueError(f"layer must be a Python int, got {type(layer).__name__}")
     if int(layer) not in self.layers:
       raise ValueError(
-          f"layer must be in [{self.layers.start}, {self.layers.stop - 1}] for "
-          f"{self.arch}, got {layer}")
+        f"layer must be in [{self.layers.start}, {self.layers.stop - 1}] for "
+        f"{self.arch}, got {layer}"
+      )
     return int(layer)
 
   @abc.abstractmethod
-  def latents(self, z, c=None, truncation_psi: float = 1.0,
-              truncation_cutoff: int | None = None):
+  def latents(self, z, c=None, truncation_psi: float = 1.0, truncation_cutoff: int | None = None):
     """Per-layer conditioning pytree from `z [n, z_dim]` (and one-hot `c [n, c_dim]`).
 
     Truncation `w_avg + psi * (w - w_avg)` applies to the first
@@ -110,14 +114,57 @@ class Generator(abc.ABC):
     return self.resume(x, carry, latents, layer, noise_key)
 
 
+def check_params(params, expected, path: str = "") -> None:
+  """Raises a `ValueError` naming every missing, extra or misshapen parameter."""
+  if isinstance(expected, dict):
+    if not isinstance(params, dict):
+      raise ValueError(f"parameter {path or '/'} must be a dict")
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+      raise ValueError(f"parameters under {path or '/'}: missing {missing}, extra {extra}")
+    for k in expected:
+      check_params(params[k], expected[k], f"{path}/{k}")
+  elif tuple(np.shape(params)) != tuple(expected.shape):
+    raise ValueError(
+      f"parameter {path} has shape {tuple(np.shape(params))}, expected {tuple(expected.shape)}"
+    )
+
+
+class FlaxGenerator(Generator):
+  """A generator whose weights are the `params` of its Flax module.
+
+  Subclasses give `parse_config(config, params)` (the architecture's options,
+  a frozen dataclass; `params` only for what `config.json` does not record)
+  and `param_shapes(cfg)` (the module's `params` tree as
+  `jax.ShapeDtypeStruct`s). A checkpoint's params must match that tree
+  exactly (`check_params`: a `ValueError` naming the key) and are kept as
+  float32 arrays.
+  """
+
+  def __init__(self, config: dict, params: Any):
+    self.cfg = self.parse_config(config, params)
+    check_params(params, self.param_shapes(self.cfg))
+    super().__init__(config, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
+
+  @staticmethod
+  @abc.abstractmethod
+  def parse_config(config: dict, params: Any) -> Any:
+    """The architecture's options from `config.json` (and the params' shapes)."""
+
+  @staticmethod
+  @abc.abstractmethod
+  def param_shapes(cfg: Any) -> Any:
+    """The `params` tree the module declares for `cfg`, as `jax.ShapeDtypeStruct`s."""
+
+
 def register(cls: type[Generator]) -> type[Generator]:
   """Class decorator: makes `cls` loadable by its `arch` name."""
   arch = getattr(cls, "arch", None)
   if not isinstance(arch, str) or not arch:
     raise ValueError(f"{cls.__name__} must set a class attribute `arch`")
   if arch in _REGISTRY and _REGISTRY[arch] is not cls:
-    raise ValueError(f"architecture {arch!r} is already registered "
-                     f"by {_REGISTRY[arch].__name__}")
+    raise ValueError(f"architecture {arch!r} is already registered by {_REGISTRY[arch].__name__}")
   _REGISTRY[arch] = cls
   return cls
 
@@ -134,8 +181,7 @@ def _checkpointer() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
 
 
-def save_converted(dst: str | os.PathLike, arch: str, config: dict,
-                   params: Any) -> str:
+def save_converted(dst: str | os.PathLike, arch: str, config: dict, params: Any) -> str:
   """Writes a converted checkpoint directory atomically; returns its path.
 
   Everything goes to a temporary sibling directory first, which is renamed to
@@ -147,15 +193,15 @@ def save_converted(dst: str | os.PathLike, arch: str, config: dict,
     raise ValueError(f"destination {dst} already exists and is not empty")
   if "arch" in config or "format" in config:
     raise ValueError("config must not contain the reserved keys 'arch'/'format'")
-  text = json.dumps({"format": FORMAT, "arch": arch, **config}, indent=1,
-                    sort_keys=True, allow_nan=False)
+  text = json.dumps(
+    {"format": FORMAT, "arch": arch, **config}, indent=1, sort_keys=True, allow_nan=False
+  )
   params = _to_numpy(params)
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
-    _checkpointer().save(os.path.join(tmp, PARAMS_DIR),
-                         args=ocp.args.PyTreeSave(params))
+    _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       f.write(text + "\n")
     umask = os.umask(0)
@@ -184,8 +230,10 @@ def load_converted(path: str | os.PathLike) -> tuple[str, dict, Any]:
   path = resolve(path)
   cfg_path = os.path.join(path, CONFIG_FILE)
   if not os.path.isfile(cfg_path):
-    raise ValueError(f"{path} is not a converted checkpoint (no {CONFIG_FILE}); "
-                     "convert it first with `python -m converters`")
+    raise ValueError(
+      f"{path} is not a converted checkpoint (no {CONFIG_FILE}); "
+      "convert it first with `python -m converters`"
+    )
   with open(cfg_path) as f:
     config = json.load(f)
   if config.pop("format", None) != FORMAT:
@@ -199,8 +247,7 @@ def load(path: str | os.PathLike) -> Generator:
   """Loads a converted checkpoint directory (or a `PACKAGED` name) as its `Generator`."""
   arch, config, params = load_converted(path)
   if arch not in _REGISTRY:
-    raise ValueError(f"unknown architecture {arch!r} in {path}; "
-                     f"registered: {sorted(_REGISTRY)}")
+    raise ValueError(f"unknown architecture {arch!r} in {path}; registered: {sorted(_REGISTRY)}")
   return _REGISTRY[arch].from_converted(config, params)
 
 
@@ -209,8 +256,7 @@ def _to_numpy(tree):
   if isinstance(tree, dict):
     for k in tree:
       if not isinstance(k, str) or not k or "." in k or "/" in k:
-        raise ValueError(f"parameter names must be non-empty strings without "
-                         f"'.' or '/', got {k!r}")
+        raise ValueError(f"parameter names must be non-empty strings without '.' or '/', got {k!r}")
     return {k: _to_numpy(v) for k, v in tree.items()}
   if isinstance(tree, (list, tuple)):
     raise ValueError("params must be nested dicts of arrays (no lists/tuples)")

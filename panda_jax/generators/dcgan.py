@@ -29,6 +29,7 @@ Variables (converted by `converters.dcgan`), torch `main.{3j}` / `main.{3j+1}`:
     batch_stats/blocks_{l-1}/bn/{mean, var} [c_out]      (running_mean, running_var)
     params/to_rgb/kernel [4, 4, c_k, img_channels]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,6 @@ import jax.numpy as jnp
 
 from panda_jax.generators import base
 from panda_jax.generators import layers
-from panda_jax.generators import stylegan2
 
 KERNEL = 4  # Every ConvTranspose2d of the family is 4x4.
 MAX_BLOCKS = 10  # 4096x4096 images.
@@ -73,19 +73,24 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Static options of a DCGAN generator (hashable: the jit cache key)."""
+
   z_dim: int
   channels: tuple[int, ...]  # Output channels of blocks 1 .. k (tutorial: ngf * (8, 4, 2, 1)).
   img_channels: int
   bn_eps: float = 1e-5  # BatchNorm2d's default; not stored in a state dict.
 
   def __post_init__(self):
-    for name, value in (("z_dim", self.z_dim), ("img_channels", self.img_channels),
-                        *((f"channels[{i}]", c) for i, c in enumerate(self.channels))):
+    for name, value in (
+      ("z_dim", self.z_dim),
+      ("img_channels", self.img_channels),
+      *((f"channels[{i}]", c) for i, c in enumerate(self.channels)),
+    ):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"DCGAN config: {name} must be a positive int, got {value!r}")
     if not 1 <= len(self.channels) <= MAX_BLOCKS:
-      raise ValueError(f"DCGAN config: channels must list 1 to {MAX_BLOCKS} block widths, "
-                       f"got {len(self.channels)}")
+      raise ValueError(
+        f"DCGAN config: channels must list 1 to {MAX_BLOCKS} block widths, got {len(self.channels)}"
+      )
     if not (isinstance(self.bn_eps, float) and 0 < self.bn_eps < 1):
       raise ValueError(f"DCGAN config: bn_eps must be a float in (0, 1), got {self.bn_eps!r}")
 
@@ -100,8 +105,10 @@ class Config:
     kw["channels"] = tuple(kw.get("channels", ()))
     cfg = cls(**kw)
     if config.get("img_resolution", cfg.img_resolution) != cfg.img_resolution:
-      raise ValueError(f"DCGAN config: img_resolution {config['img_resolution']} does not "
-                       f"match {len(cfg.channels)} blocks ({cfg.img_resolution})")
+      raise ValueError(
+        f"DCGAN config: img_resolution {config['img_resolution']} does not "
+        f"match {len(cfg.channels)} blocks ({cfg.img_resolution})"
+      )
     return cfg
 
   @property
@@ -120,6 +127,7 @@ class Config:
 
 class ConvTranspose(nn.Module):
   """A bias-free 4x4 `ConvTranspose2d`: `[n, h, w, i] -> [n, h', w', features]`."""
+
   features: int
   stride: int
   padding: int
@@ -132,6 +140,7 @@ class ConvTranspose(nn.Module):
 
 class Block(nn.Module):
   """ConvTranspose2d / eval-mode BatchNorm2d / ReLU."""
+
   features: int
   stride: int
   padding: int
@@ -146,12 +155,15 @@ class Block(nn.Module):
 
 class DCGANNet(nn.Module):
   """z `[n, z_dim]` -> image `[n, R, R, img_channels]`, runnable from any block."""
+
   cfg: Config
 
   def setup(self):
     cfg = self.cfg
-    self.blocks = [Block(c, 1 if i == 0 else 2, 0 if i == 0 else 1, cfg.bn_eps)
-                   for i, c in enumerate(cfg.channels)]
+    self.blocks = [
+      Block(c, 1 if i == 0 else 2, 0 if i == 0 else 1, cfg.bn_eps)
+      for i, c in enumerate(cfg.channels)
+    ]
     self.to_rgb = ConvTranspose(cfg.img_channels, 2, 1)
 
   def features(self, x, start: int, stop: int):
@@ -186,22 +198,23 @@ def variable_shapes(cfg: Config) -> Any:
 
 
 @base.register
-class DCGAN(base.Generator):
+class DCGAN(base.FlaxGenerator):
   """A converted DCGAN-tutorial generator (see the module docstring)."""
+
   arch = "dcgan"
 
-  def __init__(self, config: dict, params):
-    self.cfg = Config.from_dict(config)
-    stylegan2.check_params(params, variable_shapes(self.cfg))
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    super().__init__(config, params)
+  @staticmethod
+  def parse_config(config: dict, params) -> Config:
+    """`Config.from_dict(config)` (every option is in `config.json`)."""
+    return Config.from_dict(config)
+
+  param_shapes = staticmethod(variable_shapes)
 
   @property
   def num_layers(self) -> int:
     return self.cfg.num_layers
 
-  def latents(self, z, c=None, truncation_psi: float = 1.0,
-              truncation_cutoff: int | None = None):
+  def latents(self, z, c=None, truncation_psi: float = 1.0, truncation_cutoff: int | None = None):
     """`z [n, z_dim]` as float32 (no mapping network); only `truncation_psi = 1`.
 
     Raises:
@@ -215,9 +228,10 @@ class DCGAN(base.Generator):
       raise ValueError("truncation_psi must be a Python number for DCGAN") from None
     if psi != 1.0 or truncation_cutoff is not None:
       raise ValueError(
-          f"DCGAN has no truncation (no mean latent to truncate towards): pass "
-          f"truncation_psi=1 and truncation_cutoff=None, got {truncation_psi!r}, "
-          f"{truncation_cutoff!r}")
+        f"DCGAN has no truncation (no mean latent to truncate towards): pass "
+        f"truncation_psi=1 and truncation_cutoff=None, got {truncation_psi!r}, "
+        f"{truncation_cutoff!r}"
+      )
     return self._check_z(jnp.asarray(z, jnp.float32))
 
   def _check_z(self, z):
@@ -240,11 +254,12 @@ class DCGAN(base.Generator):
       raise ValueError("DCGAN has no carry: pass the None that split returned")
     want = self.cfg.feature_shape(layer)
     if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != want:
-      raise ValueError(f"x must be [n, {', '.join(map(str, want))}] at layer {layer}, "
-                       f"got shape {tuple(jnp.shape(x))}")
+      raise ValueError(
+        f"x must be [n, {', '.join(map(str, want))}] at layer {layer}, "
+        f"got shape {tuple(jnp.shape(x))}"
+      )
     return _image(self.params, x, cfg=self.cfg, start=layer)
 
   def generate(self, latents, noise_key=None):
     """The image `[n, R, R, img_channels]` in [-1, 1] of `latents` (= z `[n, z_dim]`)."""
     return _image(self.params, self._check_z(latents), cfg=self.cfg, start=0)
-

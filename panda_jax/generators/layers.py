@@ -15,6 +15,7 @@ passes) misses the ports' 1e-4 tolerance (earlier runs on an H200); on CPU both
 agree. Callers need no `jax.default_matmul_precision` context, and a test
 (`tests/test_generators_base.py`) checks every product of every family.
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,15 +28,15 @@ import numpy as np
 
 # name -> (function, default gain), as NVIDIA's `bias_act.activation_funcs`.
 ACTIVATIONS = {
-    "linear": (lambda x: x, 1.0),
-    "relu": (jax.nn.relu, np.sqrt(2)),
-    "lrelu": (lambda x: jax.nn.leaky_relu(x, 0.2), np.sqrt(2)),
-    "tanh": (jnp.tanh, 1.0),
-    "sigmoid": (jax.nn.sigmoid, 1.0),
-    "elu": (jax.nn.elu, 1.0),
-    "selu": (jax.nn.selu, 1.0),
-    "softplus": (jax.nn.softplus, 1.0),
-    "swish": (lambda x: jax.nn.sigmoid(x) * x, np.sqrt(2)),
+  "linear": (lambda x: x, 1.0),
+  "relu": (jax.nn.relu, np.sqrt(2)),
+  "lrelu": (lambda x: jax.nn.leaky_relu(x, 0.2), np.sqrt(2)),
+  "tanh": (jnp.tanh, 1.0),
+  "sigmoid": (jax.nn.sigmoid, 1.0),
+  "elu": (jax.nn.elu, 1.0),
+  "selu": (jax.nn.selu, 1.0),
+  "softplus": (jax.nn.softplus, 1.0),
+  "swish": (lambda x: jax.nn.sigmoid(x) * x, np.sqrt(2)),
 }
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -64,8 +65,9 @@ def check_activation(name: str) -> str:
   return name
 
 
-def bias_act(x, bias=None, act: str = "linear", gain: float | None = None,
-             clamp: float | None = None):
+def bias_act(
+  x, bias=None, act: str = "linear", gain: float | None = None, clamp: float | None = None
+):
   """`clamp(act(x + bias) * gain)`; `x [..., c]`, `bias [c]`; gain defaults per act."""
   fn, def_gain = ACTIVATIONS[check_activation(act)]
   if bias is not None:
@@ -115,21 +117,29 @@ def upfirdn_axis(x, f, axis: int, up: int, down: int, pad0: int, pad1: int):
   flipped = jnp.flip(jnp.asarray(f, x.dtype))
   if up == 1:  # out[o] = sum_j padded[o * down + j] flipped[j].
     x = _pad_axis(x, axis, pad0, pad1)
-    terms = [jax.lax.slice_in_dim(x, j, j + down * (n_out - 1) + 1, stride=down, axis=axis)
-             * flipped[j] for j in range(taps)]
+    terms = [
+      jax.lax.slice_in_dim(x, j, j + down * (n_out - 1) + 1, stride=down, axis=axis) * flipped[j]
+      for j in range(taps)
+    ]
     return functools.reduce(operator.add, terms)
   if down == 1:  # Phase p, output m: sum_s x[m - q_p + s] flipped[r_p + up s].
     per_phase = -(-n_out // up)
     shifts = [(pad0 - p) // up for p in range(up)]  # q_p
     lo = max(max(shifts), 0)
-    x = _pad_axis(x, axis, lo, max(per_phase + taps // up + 1 - length, 0) + 1
-                  + max(-min(shifts), 0))
+    x = _pad_axis(
+      x, axis, lo, max(per_phase + taps // up + 1 - length, 0) + 1 + max(-min(shifts), 0)
+    )
     phases = []
     for p, q in enumerate(shifts):
-      terms = [jax.lax.slice_in_dim(x, lo - q + s, lo - q + s + per_phase, axis=axis)
-               * flipped[j] for s, j in enumerate(range((pad0 - p) % up, taps, up))]
-      phases.append(functools.reduce(operator.add, terms) if terms else
-                    jnp.zeros_like(jax.lax.slice_in_dim(x, 0, per_phase, axis=axis)))
+      terms = [
+        jax.lax.slice_in_dim(x, lo - q + s, lo - q + s + per_phase, axis=axis) * flipped[j]
+        for s, j in enumerate(range((pad0 - p) % up, taps, up))
+      ]
+      phases.append(
+        functools.reduce(operator.add, terms)
+        if terms
+        else jnp.zeros_like(jax.lax.slice_in_dim(x, 0, per_phase, axis=axis))
+      )
     shape = list(x.shape)
     shape[axis] = per_phase * up
     y = jnp.stack(phases, axis=axis + 1).reshape(shape)  # Interleaved.
@@ -138,7 +148,7 @@ def upfirdn_axis(x, f, axis: int, up: int, down: int, pad0: int, pad1: int):
   first = -((pad0 - out * down) // up)  # ceil((o * down - pad0) / up)
   shape = [1] * x.ndim
   shape[axis] = out.size
-  y = jnp.zeros(x.shape[:axis] + (out.size,) + x.shape[axis + 1:], x.dtype)
+  y = jnp.zeros(x.shape[:axis] + (out.size,) + x.shape[axis + 1 :], x.dtype)
   for k in range(-(-taps // up)):
     i = first + k
     tap = i * up + pad0 - out * down
@@ -158,8 +168,14 @@ def separable_taps(f) -> tuple[np.ndarray, np.ndarray] | None:
   return taps_h.astype(np.float32), taps_w.astype(np.float32)
 
 
-def upfirdn2d(x, f: np.ndarray, up: int = 1, down: int = 1,
-              padding: Sequence[int] = (0, 0, 0, 0), gain: float = 1.0):
+def upfirdn2d(
+  x,
+  f: np.ndarray,
+  up: int = 1,
+  down: int = 1,
+  padding: Sequence[int] = (0, 0, 0, 0),
+  gain: float = 1.0,
+):
   """Upsample (zero insertion), pad, convolve with `f [fh, fw]`, downsample.
 
   A separable filter (all of NVIDIA's, `setup_filter` of 1-D taps) runs as two
@@ -189,9 +205,15 @@ def upfirdn2d(x, f: np.ndarray, up: int = 1, down: int = 1,
   kernel = jnp.tile(jnp.asarray(kernel)[:, :, None, None], (1, 1, 1, c))  # [fh, fw, 1, c]
   # lhs_dilation inserts up-1 zeros between samples; NVIDIA also appends up-1.
   return jax.lax.conv_general_dilated(
-      x, kernel.astype(x.dtype), window_strides=(down, down),
-      padding=((y0, y1 + up - 1), (x0, x1 + up - 1)), lhs_dilation=(up, up),
-      dimension_numbers=_DIMS, feature_group_count=c, precision=PRECISION)
+    x,
+    kernel.astype(x.dtype),
+    window_strides=(down, down),
+    padding=((y0, y1 + up - 1), (x0, x1 + up - 1)),
+    lhs_dilation=(up, up),
+    dimension_numbers=_DIMS,
+    feature_group_count=c,
+    precision=PRECISION,
+  )
 
 
 def upsample2d(x, f: np.ndarray, up: int = 2):
@@ -204,8 +226,13 @@ def upsample2d(x, f: np.ndarray, up: int = 2):
 def conv2d(x, weight, padding: int):
   """Plain correlation (`torch.nn.functional.conv2d`); `weight [kh, kw, i, o]`."""
   return jax.lax.conv_general_dilated(
-      x, weight.astype(x.dtype), (1, 1), ((padding, padding), (padding, padding)),
-      dimension_numbers=_DIMS, precision=PRECISION)
+    x,
+    weight.astype(x.dtype),
+    (1, 1),
+    ((padding, padding), (padding, padding)),
+    dimension_numbers=_DIMS,
+    precision=PRECISION,
+  )
 
 
 def _phase(length: int, taps: int, lo: int, out_len: int, p: int, up: int):
@@ -254,15 +281,24 @@ def upsampling_correlation(x, kernel, up: int, padding):
       taps_h, num_h, count_h, pad_h = _phase(h, kh, lo_h, out_h, p_h, up)
       taps_w, num_w, count_w, pad_w = _phase(w, kw, lo_w, out_w, p_w, up)
       if num_h and num_w and count_h and count_w:
-        xp = jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), pad_h + (0,), pad_w + (0,), (0, 0, 0)])
-        y = jax.lax.conv_general_dilated(xp, kernel[taps_h, taps_w].astype(x.dtype), (1, 1),
-                                         "VALID", dimension_numbers=_DIMS, precision=PRECISION)
+        xp = jax.lax.pad(
+          x, jnp.zeros((), x.dtype), [(0, 0, 0), pad_h + (0,), pad_w + (0,), (0, 0, 0)]
+        )
+        y = jax.lax.conv_general_dilated(
+          xp,
+          kernel[taps_h, taps_w].astype(x.dtype),
+          (1, 1),
+          "VALID",
+          dimension_numbers=_DIMS,
+          precision=PRECISION,
+        )
       else:  # No tap reaches this phase.
         y = jnp.zeros((n, count_h, count_w, out_ch), x.dtype)
-      row.append(jnp.pad(y, ((0, 0), (0, rows_per_phase - count_h),
-                             (0, cols_per_phase - count_w), (0, 0))))
-    phases.append(jnp.stack(row, axis=3))                  # [n, rows, cols, up, o]
-  y = jnp.stack(phases, axis=2)                             # [n, rows, up, cols, up, o]
+      row.append(
+        jnp.pad(y, ((0, 0), (0, rows_per_phase - count_h), (0, cols_per_phase - count_w), (0, 0)))
+      )
+    phases.append(jnp.stack(row, axis=3))  # [n, rows, cols, up, o]
+  y = jnp.stack(phases, axis=2)  # [n, rows, up, cols, up, o]
   y = y.reshape(n, rows_per_phase * up, cols_per_phase * up, out_ch)
   return y[:, :out_h, :out_w]
 
@@ -281,14 +317,22 @@ def conv2d_up(x, weight, f: np.ndarray, padding: int, up: int = 2):
   py1 = padding + (fh - up) // 2 - (kh - up)
   pxt, pyt = max(min(-px0, -px1), 0), max(min(-py0, -py1), 0)
   # Transposed conv = correlation of the zero-dilated input with the flipped kernel.
-  x = upsampling_correlation(x, weight[::-1, ::-1], up,
-                             ((kh - 1 - pyt, kh - 1 - pyt), (kw - 1 - pxt, kw - 1 - pxt)))
-  return upfirdn2d(x, f, padding=(px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt),
-                   gain=up * up)
+  x = upsampling_correlation(
+    x, weight[::-1, ::-1], up, ((kh - 1 - pyt, kh - 1 - pyt), (kw - 1 - pxt, kw - 1 - pxt))
+  )
+  return upfirdn2d(x, f, padding=(px0 + pxt, px1 + pxt, py0 + pyt, py1 + pyt), gain=up * up)
 
 
-def modulated_conv2d(x, weight, styles, *, demodulate: bool = True, up: int = 1,
-                     f: np.ndarray | None = None, noise=None):
+def modulated_conv2d(
+  x,
+  weight,
+  styles,
+  *,
+  demodulate: bool = True,
+  up: int = 1,
+  f: np.ndarray | None = None,
+  noise=None,
+):
   """StyleGAN2's (de)modulated convolution (Karras et al. 2020, Eqs. 1-3).
 
   Computed as NVIDIA's non-fused path, mathematically equal to the fused one:
@@ -357,8 +401,9 @@ def instance_norm(x, eps: float = 1e-8):
 def check_ws(latents, num_ws: int, w_dim: int) -> None:
   """Raises a `ValueError` unless `latents` are W+ codes `[n, num_ws, w_dim]`."""
   if jnp.ndim(latents) != 3 or tuple(jnp.shape(latents)[1:]) != (num_ws, w_dim):
-    raise ValueError(f"latents must be W+ codes [n, {num_ws}, {w_dim}], "
-                     f"got shape {tuple(jnp.shape(latents))}")
+    raise ValueError(
+      f"latents must be W+ codes [n, {num_ws}, {w_dim}], got shape {tuple(jnp.shape(latents))}"
+    )
 
 
 def truncate(ws, w_avg, psi, cutoff: int | None = None):
@@ -375,9 +420,11 @@ def truncate(ws, w_avg, psi, cutoff: int | None = None):
   """
   num_ws = ws.shape[1]
   cutoff = num_ws if cutoff is None else cutoff
-  if (isinstance(cutoff, bool) or not isinstance(cutoff, (int, np.integer))
-      or not 0 <= cutoff <= num_ws):
-    raise ValueError(f"truncation_cutoff must be None or an int in [0, {num_ws}], "
-                     f"got {cutoff!r}")
+  if (
+    isinstance(cutoff, bool)
+    or not isinstance(cutoff, (int, np.integer))
+    or not 0 <= cutoff <= num_ws
+  ):
+    raise ValueError(f"truncation_cutoff must be None or an int in [0, {num_ws}], got {cutoff!r}")
   coefs = jnp.where(jnp.arange(num_ws) < cutoff, psi, 1.0)[None, :, None]
   return w_avg + (ws - w_avg) * coefs.astype(ws.dtype)

@@ -25,6 +25,7 @@ Parameters (nested dicts, equalised-lr gains already applied):
 weight [k, k, i, o], bias, noise_strength [], noise_const [r, r]}`,
 `synthesis/torgbs_j/{affine, weight [1, 1, c, ch], bias}`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,6 +56,7 @@ class MappingConfig:
   normalisation of `z` and of the class embedding, `mapping_layers` dense
   layers, and truncation towards `w_avg`.
   """
+
   z_dim: int
   c_dim: int
   w_dim: int
@@ -74,6 +76,7 @@ class MappingConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Static options of a StyleGAN2 generator (hashable: the jit cache key)."""
+
   z_dim: int
   c_dim: int
   w_dim: int
@@ -90,7 +93,8 @@ class Config:
   conv_clamp: float | None = None
   architecture: str = "skip"
   resample_filter: tuple[tuple[float, ...], ...] = tuple(
-      map(tuple, layers.setup_filter([1, 3, 3, 1]).tolist()))
+    map(tuple, layers.setup_filter([1, 3, 3, 1]).tolist())
+  )
   num_fp16_res: int = 0  # Informational: fp16 layers run in float32 here.
 
   def __post_init__(self):
@@ -98,8 +102,7 @@ class Config:
     if not (isinstance(res, int) and 4 <= res <= 4096 and res & (res - 1) == 0):
       raise ValueError(f"img_resolution must be a power of two >= 4, got {res}")
     if len(self.channels) != int(np.log2(res)) - 1:
-      raise ValueError(f"channels must list one width per block 4..{res}, "
-                       f"got {len(self.channels)}")
+      raise ValueError(f"channels must list one width per block 4..{res}, got {len(self.channels)}")
     if self.architecture not in ("skip", "orig"):
       raise ValueError(f"architecture must be 'skip' or 'orig', got {self.architecture!r}")
     if self.kernel_size % 2 != 1:
@@ -116,15 +119,15 @@ class Config:
     kw = {k: v for k, v in config.items() if k in names}
     kw["channels"] = tuple(kw["channels"])
     if "resample_filter" in kw:
-      kw["resample_filter"] = tuple(tuple(float(v) for v in row)
-                                    for row in kw["resample_filter"])
+      kw["resample_filter"] = tuple(tuple(float(v) for v in row) for row in kw["resample_filter"])
     return cls(**kw)
 
   @property
   def mapping(self) -> MappingConfig:
     """The mapping network's options."""
-    return MappingConfig(**{f.name: getattr(self, f.name)
-                            for f in dataclasses.fields(MappingConfig)})
+    return MappingConfig(
+      **{f.name: getattr(self, f.name) for f in dataclasses.fields(MappingConfig)}
+    )
 
   @property
   def resolutions(self) -> tuple[int, ...]:
@@ -145,6 +148,7 @@ class Config:
 
 class SynthesisLayer(nn.Module):
   """Modulated conv (+ 2x upsampling), noise, bias, activation, clamp."""
+
   cfg: Config
   in_channels: int
   out_channels: int
@@ -172,6 +176,7 @@ class SynthesisLayer(nn.Module):
 
 class ToRGB(nn.Module):
   """1x1 modulated conv without demodulation, bias, clamp: `[n, r, r, c] -> [n, r, r, ch]`."""
+
   cfg: Config
   in_channels: int
 
@@ -186,6 +191,7 @@ class ToRGB(nn.Module):
 
 class Mapping(nn.Module):
   """z `[n, z_dim]` (and one-hot c `[n, c_dim]`) -> w `[n, w_dim]`; holds `w_avg`."""
+
   cfg: MappingConfig
 
   @nn.compact
@@ -208,6 +214,7 @@ class Mapping(nn.Module):
 
 class Synthesis(nn.Module):
   """W+ codes `[n, num_ws, w_dim]` -> image, runnable between any two layers."""
+
   cfg: Config
 
   def setup(self):
@@ -257,6 +264,7 @@ class Synthesis(nn.Module):
 
 class StyleGAN2Net(nn.Module):
   """Mapping + synthesis under one parameter tree."""
+
   cfg: Config
 
   def setup(self):
@@ -281,15 +289,15 @@ class StyleGAN2Net(nn.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_ws", "cutoff"))
-def _mapping_latents(params, z, c, psi, *, cfg: MappingConfig, num_ws: int,
-                     cutoff: int | None):
+def _mapping_latents(params, z, c, psi, *, cfg: MappingConfig, num_ws: int, cutoff: int | None):
   w = Mapping(cfg).apply({"params": params}, z, c)  # [n, w_dim]
   ws = jnp.broadcast_to(w[:, None], (w.shape[0], num_ws, cfg.w_dim))
   return layers.truncate(ws, params["w_avg"], psi, cutoff)
 
 
-def mapping_latents(params, cfg: MappingConfig, z, c=None, psi=1.0, *, num_ws: int,
-                    cutoff: int | None = None):
+def mapping_latents(
+  params, cfg: MappingConfig, z, c=None, psi=1.0, *, num_ws: int, cutoff: int | None = None
+):
   """W+ codes `[n, num_ws, w_dim]` of the mapping network, truncated.
 
   Args:
@@ -315,8 +323,7 @@ def mapping_latents(params, cfg: MappingConfig, z, c=None, psi=1.0, *, num_ws: i
   c = jnp.asarray(c, jnp.float32)
   if c.shape != (z.shape[0], cfg.c_dim):
     raise ValueError(f"c must be [n={z.shape[0]}, c_dim={cfg.c_dim}], got shape {c.shape}")
-  return _mapping_latents(params, z, c, jnp.float32(psi), cfg=cfg, num_ws=num_ws,
-                          cutoff=cutoff)
+  return _mapping_latents(params, z, c, jnp.float32(psi), cfg=cfg, num_ws=num_ws, cutoff=cutoff)
 
 
 def _param_shapes(net: nn.Module, cfg: MappingConfig | Config) -> Any:
@@ -333,15 +340,17 @@ def mapping_param_shapes(cfg: MappingConfig) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))
 def _split(params, ws, noise_key, *, cfg: Config, layer: int):
-  return StyleGAN2Net(cfg).apply({"params": params}, ws, noise_key, layer,
-                                 method=StyleGAN2Net.split)
+  return StyleGAN2Net(cfg).apply(
+    {"params": params}, ws, noise_key, layer, method=StyleGAN2Net.split
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))
 def _resume(params, x, carry, ws, noise_key, *, cfg: Config, layer: int):
   """`layer = 0` runs the whole synthesis network (`x`, `carry` unused)."""
-  return StyleGAN2Net(cfg).apply({"params": params}, x, carry, ws, noise_key, layer,
-                                 method=StyleGAN2Net.resume)
+  return StyleGAN2Net(cfg).apply(
+    {"params": params}, x, carry, ws, noise_key, layer, method=StyleGAN2Net.resume
+  )
 
 
 def param_shapes(cfg: Config) -> Any:
@@ -349,32 +358,18 @@ def param_shapes(cfg: Config) -> Any:
   return _param_shapes(StyleGAN2Net(cfg), cfg)
 
 
-def check_params(params, expected, path: str = "") -> None:
-  """Raises a `ValueError` naming every missing, extra or misshapen parameter."""
-  if isinstance(expected, dict):
-    if not isinstance(params, dict):
-      raise ValueError(f"parameter {path or '/'} must be a dict")
-    missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
-    if missing or extra:
-      raise ValueError(f"parameters under {path or '/'}: missing {missing}, extra {extra}")
-    for k in expected:
-      check_params(params[k], expected[k], f"{path}/{k}")
-  elif tuple(np.shape(params)) != tuple(expected.shape):
-    raise ValueError(f"parameter {path} has shape {tuple(np.shape(params))}, "
-                     f"expected {tuple(expected.shape)}")
-
-
 @base.register
-class StyleGAN2(base.Generator):
+class StyleGAN2(base.FlaxGenerator):
   """A converted StyleGAN2 / StyleGAN2-ADA generator (see the module docstring)."""
+
   arch = "stylegan2"
 
-  def __init__(self, config: dict, params):
-    self.cfg = Config.from_dict(config)
-    check_params(params, param_shapes(self.cfg))
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    super().__init__(config, params)
+  @staticmethod
+  def parse_config(config: dict, params) -> Config:
+    """`Config.from_dict(config)` (every option is in `config.json`)."""
+    return Config.from_dict(config)
+
+  param_shapes = staticmethod(param_shapes)
 
   @property
   def num_layers(self) -> int:
@@ -384,15 +379,21 @@ class StyleGAN2(base.Generator):
   def num_ws(self) -> int:
     return self.cfg.num_ws
 
-  def latents(self, z, c=None, truncation_psi: float = 1.0,
-              truncation_cutoff: int | None = None):
+  def latents(self, z, c=None, truncation_psi: float = 1.0, truncation_cutoff: int | None = None):
     """W+ codes `[n, num_ws, w_dim]` from `z [n, z_dim]`, one-hot `c [n, c_dim]`.
 
     Truncation `w_avg + psi (w - w_avg)` on all codes, or on the first
     `truncation_cutoff` ones (`mapping_latents`).
     """
-    return mapping_latents(self.params["mapping"], self.cfg.mapping, z, c, truncation_psi,
-                           num_ws=self.num_ws, cutoff=truncation_cutoff)
+    return mapping_latents(
+      self.params["mapping"],
+      self.cfg.mapping,
+      z,
+      c,
+      truncation_psi,
+      num_ws=self.num_ws,
+      cutoff=truncation_cutoff,
+    )
 
   def _check_ws(self, latents):
     layers.check_ws(latents, self.num_ws, self.cfg.w_dim)

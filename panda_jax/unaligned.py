@@ -11,14 +11,17 @@ toy-faces GAN at one layer; per ground-truth part, the best-matching part's
 pooled IoU of the global parts, the refined parts and the oracle on unaligned
 samples, and of the global and refined parts on the aligned ones.
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import panda_jax as pj
-from panda_jax import generator_ops, parts_eval
+from panda_jax import decomposition
+from panda_jax import generator_ops
+from panda_jax import parts_eval
+from panda_jax import refinement
 from panda_jax.data import toyfaces
 
 
@@ -31,8 +34,9 @@ def shift_samples(x, shifts):
   """Circular shift of each sample by fractional `shifts` (`[n, 2]`), Fourier phase."""
   h, w = x.shape[1:3]
   fy, fx = jnp.fft.fftfreq(h)[:, None], jnp.fft.fftfreq(w)[None, :]
-  phase = jnp.exp(-2j * jnp.pi * (fy[None] * shifts[:, 0, None, None]
-                                  + fx[None] * shifts[:, 1, None, None]))   # [n, h, w]
+  phase = jnp.exp(
+    -2j * jnp.pi * (fy[None] * shifts[:, 0, None, None] + fx[None] * shifts[:, 1, None, None])
+  )  # [n, h, w]
   spectrum = jnp.fft.fft2(x, axes=(1, 2)) * phase[..., None]
   return jnp.real(jnp.fft.ifft2(spectrum, axes=(1, 2))).astype(x.dtype)
 
@@ -57,8 +61,11 @@ def move(x, carry, offsets):
   by the same fraction of its own side (`shift_samples`); other leaves are kept.
   """
   grid = np.asarray(x.shape[1:3])
-  follow = lambda leaf: (shift_samples(leaf, offsets * (np.asarray(leaf.shape[1:3]) / grid))
-                         if getattr(leaf, "ndim", 0) == 4 else leaf)
+  follow = lambda leaf: (
+    shift_samples(leaf, offsets * (np.asarray(leaf.shape[1:3]) / grid))
+    if getattr(leaf, "ndim", 0) == 4
+    else leaf
+  )
   return roll_samples(x, offsets), jax.tree.map(follow, carry)
 
 
@@ -72,9 +79,19 @@ def _best(parts, labels, grid):
   return np.asarray(best)
 
 
-def toyfaces_refinement(gen, layer: int, *, rank_c: int = 16, rank_s: int = 8,
-                        num_fit: int = 256, num_eval: int = 64, fit_steps: int = 200,
-                        seed: int = 0, batch_size: int = 64, **refine_options) -> dict:
+def toyfaces_refinement(
+  gen,
+  layer: int,
+  *,
+  rank_c: int = 16,
+  rank_s: int = 8,
+  num_fit: int = 256,
+  num_eval: int = 64,
+  fit_steps: int = 200,
+  seed: int = 0,
+  batch_size: int = 64,
+  **refine_options,
+) -> dict:
   """Issue 12 items 2-3 on one layer of the toy-faces generator.
 
   Returns:
@@ -83,9 +100,14 @@ def toyfaces_refinement(gen, layer: int, *, rank_c: int = 16, rank_s: int = 8,
     `aligned` with `global` and `refined`; plus the settings.
   """
   fit_key, eval_key, offset_key = jax.random.split(jax.random.PRNGKey(seed), 3)
-  feats = jnp.concatenate(list(generator_ops.sampled_features(
-      gen, fit_key, layer, num_samples=num_fit, batch_size=batch_size)))
-  factors = pj.fit(feats, rank_c, rank_s, steps=fit_steps, key=fit_key, progress=False)
+  feats = jnp.concatenate(
+    list(
+      generator_ops.sampled_features(
+        gen, fit_key, layer, num_samples=num_fit, batch_size=batch_size
+      )
+    )
+  )
+  factors = decomposition.fit(feats, rank_c, rank_s, steps=fit_steps, key=fit_key, progress=False)
   lat = generator_ops.sample_latents(gen, eval_key, np.arange(num_eval))
   x, carry = gen.split(lat, layer)
   grid = tuple(x.shape[1:3])
@@ -94,14 +116,27 @@ def toyfaces_refinement(gen, layer: int, *, rank_c: int = 16, rank_s: int = 8,
   labels_moved = _labels(gen, moved, moved_carry, lat, layer)
   labels = _labels(gen, x, carry, lat, layer)
   a, p = factors.appearances, factors.parts
-  unaligned = {"global": _best(p, labels_moved, grid),
-               "refined": _best(pj.refine(moved, a, p, **refine_options), labels_moved, grid),
-               "oracle": _best(roll_parts(p, offsets, grid), labels_moved, grid)}
+  unaligned = {
+    "global": _best(p, labels_moved, grid),
+    "refined": _best(refinement.refine(moved, a, p, **refine_options), labels_moved, grid),
+    "oracle": _best(roll_parts(p, offsets, grid), labels_moved, grid),
+  }
   unaligned["ratio"] = unaligned["refined"] / np.maximum(unaligned["oracle"], 1e-12)
-  aligned = {"global": _best(p, labels, grid),
-             "refined": _best(pj.refine(x, a, p, **refine_options), labels, grid)}
+  aligned = {
+    "global": _best(p, labels, grid),
+    "refined": _best(refinement.refine(x, a, p, **refine_options), labels, grid),
+  }
   tolist = lambda d: {k: np.round(v.astype(np.float64), 4).tolist() for k, v in d.items()}
-  return dict(layer=layer, grid=list(grid), rank_c=rank_c, rank_s=rank_s, num_fit=num_fit,
-              num_eval=num_eval, fit_steps=fit_steps, parts=list(toyfaces.PARTS),
-              refine_options={k: str(v) for k, v in refine_options.items()},
-              unaligned=tolist(unaligned), aligned=tolist(aligned))
+  return dict(
+    layer=layer,
+    grid=list(grid),
+    rank_c=rank_c,
+    rank_s=rank_s,
+    num_fit=num_fit,
+    num_eval=num_eval,
+    fit_steps=fit_steps,
+    parts=list(toyfaces.PARTS),
+    refine_options={k: str(v) for k, v in refine_options.items()},
+    unaligned=tolist(unaligned),
+    aligned=tolist(aligned),
+  )

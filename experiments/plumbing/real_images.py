@@ -1,26 +1,30 @@
 """Real images in the launchers: PNG input and output, checks, inversion with the flags.
 
 `experiments.invert` inverts one image; `experiments.edit --image` inverts one and
-edits it through the factors. A PNG of another size or channel count than the
-generator's images, a file that is not a PNG or a corrupt PNG raises `BadImage`
-(the launchers exit 2 with one line, before anything is written).
+edits it through the factors; `experiments.explore` inverts uploads. A PNG of
+another size or channel count than the generator's images, a file that is not a
+PNG or a corrupt PNG raises `BadImage` (the launchers exit 2 with one line,
+`cli.main`, before anything is written).
 """
+
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 
 import jax
 import numpy as np
 
 from panda_jax import inversion
+from panda_jax import viz
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class BadImage(ValueError):
   """An input image that cannot be inverted (exit code 2)."""
+
+  exit_code = 2
 
 
 # ----------------------------------------------------------------------------- PNG I/O
@@ -33,6 +37,7 @@ def read_png(path: str) -> np.ndarray:
     BadImage: a missing file, a file that is not a PNG, a corrupt PNG.
   """
   from PIL import Image  # pylint: disable=import-outside-toplevel (matplotlib's dependency)
+
   try:
     with open(path, "rb") as f:
       head = f.read(8)
@@ -47,8 +52,9 @@ def read_png(path: str) -> np.ndarray:
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
       data = np.asarray(img)
   except Exception as e:  # pylint: disable=broad-except  (PIL raises many kinds)
-    raise BadImage(f"--image={path} is a corrupt PNG ({type(e).__name__}: "
-                   f"{' '.join(str(e).split())})") from None
+    raise BadImage(
+      f"--image={path} is a corrupt PNG ({type(e).__name__}: {' '.join(str(e).split())})"
+    ) from None
   if data.dtype == np.bool_:
     data = data.astype(np.float32)
   elif np.issubdtype(data.dtype, np.integer):
@@ -62,8 +68,8 @@ def read_png(path: str) -> np.ndarray:
 def write_png(path: str, image) -> None:
   """Writes `[H, W, 3]` (or `[H, W, 1]`) in [-1, 1] as an 8-bit PNG."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  image = np.asarray(image, np.float32)
-  data = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+  data = viz.to_uint8(np.asarray(image, np.float32))
   Image.fromarray(data[..., 0] if data.shape[-1] == 1 else data).save(path, format="PNG")
 
 
@@ -100,20 +106,11 @@ def file_sha256(path: str) -> str:
 
 def settings(config, steps: int) -> dict:
   """The inversion settings of a run (`recipes.INVERSION_KEYS`: metrics.json, recipe cards)."""
-  return dict(steps=steps, feature_steps=config.feature_steps,
-              structure_weight=config.structure_weight,
-              feature_structure_weight=config.feature_structure_weight,
-              tie_layers=config.tie_layers, seed=config.seed)
-
-
-def cli(run):
-  """`run` for `common.main`: a `BadImage` exits 2 with one line `error: ...` on stderr."""
-
-  def checked(config):
-    try:
-      return run(config)
-    except BadImage as e:
-      print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-      sys.exit(2)
-
-  return checked
+  return dict(
+    steps=steps,
+    feature_steps=config.feature_steps,
+    structure_weight=config.structure_weight,
+    feature_structure_weight=config.feature_structure_weight,
+    tie_layers=config.tie_layers,
+    seed=config.seed,
+  )

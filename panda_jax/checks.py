@@ -4,6 +4,7 @@ Every check runs on shapes (static under `jit`) or, for value checks, on concret
 arrays only, so that it raises a clear `ValueError` before any compilation and is
 skipped (not silently wrong) when called with tracers.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -29,12 +30,13 @@ def flatten_features(features, name: str = "features"):
     features = jnp.asarray(features)
   if features.ndim == 4:
     n, h, w, c = features.shape
-    return (jnp.reshape(features, (n, h * w, c)),
-            lambda y: jnp.reshape(y, (n, h, w) + tuple(y.shape[2:])))
+    return (
+      jnp.reshape(features, (n, h * w, c)),
+      lambda y: jnp.reshape(y, (n, h, w) + tuple(y.shape[2:])),
+    )
   if features.ndim == 3:
     return features, lambda y: y
-  raise ValueError(
-      f"{name} must be [n, s, c] or [n, h, w, c], got shape {tuple(features.shape)}")
+  raise ValueError(f"{name} must be [n, s, c] or [n, h, w, c], got shape {tuple(features.shape)}")
 
 
 @jax.jit
@@ -66,8 +68,7 @@ def check_factors(z_shape, appearances, parts=None) -> None:
   """Checks `[c, r_c]` appearances and `[s, r_s]` parts against `[n, s, c]` features."""
   _, s, c = z_shape
   if appearances.ndim != 2 or appearances.shape[0] != c:
-    raise ValueError(
-        f"appearances must be [c={c}, r_c], got shape {tuple(appearances.shape)}")
+    raise ValueError(f"appearances must be [c={c}, r_c], got shape {tuple(appearances.shape)}")
   if parts is not None and (parts.ndim != 2 or parts.shape[0] != s):
     raise ValueError(f"parts must be [s={s}, r_s], got shape {tuple(parts.shape)}")
 
