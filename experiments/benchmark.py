@@ -56,7 +56,6 @@ import statistics
 import tempfile
 import time
 
-from absl import app, flags
 import jax
 import numpy as np
 
@@ -64,9 +63,10 @@ import panda_jax as pj
 from panda_jax import decomposition, parts_init
 from panda_jax.data import synthetic
 from experiments import torch_worker
+from experiments.plumbing import cli
+from experiments.plumbing import options
 from experiments.torch_worker import TorchProcess, cores, serve
 
-FLAGS = flags.FLAGS
 RANK_S = 8
 WORKER = "experiments.benchmark:_torch_worker"
 TORCH_VARIANTS = ("official", "torch_ours", "torch_compiled", "torch_ours_1thread")
@@ -74,24 +74,29 @@ JAX_VARIANTS = ("jax_fixed", "jax_adaptive")
 SETTLE_S = 0.02  # Pause before each timed call: the other side's spinning threads go to sleep.
 
 
-def define_flags() -> None:
-  """The command-line flags; defined only when run as a program, so that importing this
-  module (tests, notebooks) never clashes with another launcher's `--out`."""
-  flags.DEFINE_string("out", "benchmark.json", "Where to write the JSON report.")
-  flags.DEFINE_bool("quick", False, "Tiny grid and time to solution (smoke test).")
-  flags.DEFINE_integer("rounds", 5, "Interleaved repetitions per case (min and median reported).")
-  flags.DEFINE_integer("steps", 10, "Steps per timed call (the official order: 1).")
-  flags.DEFINE_float("official_max_gb", 6.0, "Skip the official order above this memory.")
-  flags.DEFINE_bool("torch_compile", True, "Time the torch.compile variant.")
-  flags.DEFINE_bool("torch_1thread", True, "Also torch_ours on one thread (a diagnostic).")
-  flags.DEFINE_bool("refine", False, "Also time the refinement per configuration.")
-  flags.DEFINE_list("sizes", ["16", "32", "64", "128"], "Feature map sides H = W.")
-  flags.DEFINE_list("batches", ["8"], "Batch sizes N.")
-  flags.DEFINE_list("ranks_c", ["512"], "Appearance ranks Rc.")
-  flags.DEFINE_integer("tts_steps", 10_000, "Steps of the official recipe (time to solution).")
-  flags.DEFINE_integer("tts_rounds", 2, "Interleaved repetitions of the time to solution.")
-  flags.DEFINE_list("tts_shape", ["8", "8", "128"], "N, H = W, C of the planted dataset.")
-  flags.DEFINE_integer("tts_rank_c", 16, "Appearance rank of the time-to-solution fit.")
+SPEC = options.replace(
+  options.spec(
+    "out",
+    "steps",
+    quick=options.Flag("bool", False, "Tiny grid and time to solution (smoke test)."),
+    rounds=options.Flag(
+      "integer", 5, "Interleaved repetitions per case (min and median reported)."
+    ),
+    official_max_gb=options.Flag("float", 6.0, "Skip the official order above this memory."),
+    torch_compile=options.Flag("bool", True, "Time the torch.compile variant."),
+    torch_1thread=options.Flag("bool", True, "Also torch_ours on one thread (a diagnostic)."),
+    refine=options.Flag("bool", False, "Also time the refinement per configuration."),
+    sizes=options.Flag("list", ["16", "32", "64", "128"], "Feature map sides H = W."),
+    batches=options.Flag("list", ["8"], "Batch sizes N."),
+    ranks_c=options.Flag("list", ["512"], "Appearance ranks Rc."),
+    tts_steps=options.Flag("integer", 10_000, "Steps of the official recipe (time to solution)."),
+    tts_rounds=options.Flag("integer", 2, "Interleaved repetitions of the time to solution."),
+    tts_shape=options.Flag("list", ["8", "8", "128"], "N, H = W, C of the planted dataset."),
+    tts_rank_c=options.Flag("integer", 16, "Appearance rank of the time-to-solution fit."),
+  ),
+  out=dict(default="benchmark.json", help="Where to write the JSON report."),
+  steps=dict(default=10, help="Steps per timed call (the official order: 1)."),
+)
 
 
 # ----------------------------------------------------------------- the update, in torch
@@ -709,25 +714,16 @@ def _torch_side(threads: int, one_thread: bool):
   return TorchSide(threads, one_thread)
 
 
-def run(
-  out: str,
-  quick: bool = False,
-  rounds: int = 5,
-  steps: int = 10,
-  official_max_gb: float = 6.0,
-  compile_torch: bool = True,
-  torch_1thread: bool = True,
-  refine: bool = False,
-  sizes=(16, 32, 64, 128),
-  batches=(8,),
-  ranks_c=(512,),
-  tts_steps: int = 10_000,
-  tts_rounds: int = 2,
-  tts_shape=(8, 8, 128),
-  tts_rank_c: int = 16,
-  log=print,
-) -> dict:
-  """The whole benchmark as a JSON-able dict, written to `out` after every row."""
+def run(config, log=print) -> dict:
+  """The whole benchmark (the options of `SPEC`) as a JSON-able dict, written to
+  `--out` after every row."""
+  ints = lambda values: tuple(int(v) for v in values)
+  out, quick, rounds, steps = config.out, config.quick, config.rounds, config.steps
+  official_max_gb, compile_torch = config.official_max_gb, config.torch_compile
+  torch_1thread, refine = config.torch_1thread, config.refine
+  sizes, batches, ranks_c = ints(config.sizes), ints(config.batches), ints(config.ranks_c)
+  tts_steps, tts_rounds = config.tts_steps, config.tts_rounds
+  tts_shape, tts_rank_c = ints(config.tts_shape), config.tts_rank_c
   threads = cores()
   torch_side = _torch_side(threads, torch_1thread)
   grid = (
@@ -828,28 +824,5 @@ def table_line(row: dict) -> str:
   )
 
 
-def main(argv):
-  del argv
-  ints = lambda values: tuple(int(v) for v in values)
-  run(
-    FLAGS.out,
-    FLAGS.quick,
-    FLAGS.rounds,
-    FLAGS.steps,
-    FLAGS.official_max_gb,
-    FLAGS.torch_compile,
-    FLAGS.torch_1thread,
-    FLAGS.refine,
-    ints(FLAGS.sizes),
-    ints(FLAGS.batches),
-    ints(FLAGS.ranks_c),
-    FLAGS.tts_steps,
-    FLAGS.tts_rounds,
-    ints(FLAGS.tts_shape),
-    FLAGS.tts_rank_c,
-  )
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.main(run, SPEC, stoppable=False)

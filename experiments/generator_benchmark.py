@@ -82,6 +82,7 @@ import time
 import numpy as np
 
 from experiments import torch_worker
+from experiments.plumbing import options
 from experiments.torch_worker import TorchProcess, cores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +93,28 @@ ALL_FAMILIES = ("stylegan", "stylegan2", "stylegan3-t", "stylegan3-r", "pggan", 
 OPS = ("generate", "split")
 MAX_REAL_BATCH = {"stylegan3-t": 8, "stylegan3-r": 1}  # Larger realistic batches are skipped.
 WORKER = "experiments.generator_benchmark:_torch_worker"
+SPEC = options.replace(
+  options.spec(
+    "out",
+    quick=options.Flag("bool", False, "Fixture configurations only, 3 rounds (< 60 s)."),
+    families=options.Flag(
+      "string", ",".join(TORCH_FAMILIES), f"Comma-separated, of {','.join(ALL_FAMILIES)}."
+    ),
+    batches=options.Flag("string", "1,8,32", "Comma-separated batch sizes."),
+    configs=options.Flag("string", "fixture,real", "fixture and/or real (realistic widths)."),
+    rounds=options.Flag("integer", 7, "Interleaved repetitions per case."),
+    torch_threads=options.Flag(
+      "integer", None, "Default: the cores JAX uses (a diagnostic otherwise)."
+    ),
+    dcgan_weights=options.Flag("string", DCGAN_WEIGHTS, "The real DCGAN's torch checkpoint."),
+    biggan_package=options.Flag(
+      "string",
+      os.environ.get("BIGGAN_PACKAGE"),
+      "Folder holding pytorch_pretrained_biggan/ (the unzipped wheel).",
+    ),
+  ),
+  out=dict(help="Write the JSON here."),
+)
 
 
 def _flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
@@ -1036,7 +1059,7 @@ def bench_case(torch_proc, gen, spec, family, config, batch, op, rounds, workdir
   return row
 
 
-def run(
+def measure(
   families,
   batches,
   configs,
@@ -1120,57 +1143,35 @@ def table_line(row: dict) -> str:
   )
 
 
-def main(argv):
-  del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  f = flags.FLAGS
-  families = [s for s in f.families.split(",") if s]
+def run(config, log=print) -> dict:
+  """The benchmark of `SPEC`'s options (`measure`): the JSON-able result, also written to
+  `--out` (when given) after every row; prints its table at the end."""
+  families = [s for s in config.families.split(",") if s]
   unknown = sorted(set(families) - set(ALL_FAMILIES))
   if unknown:
-    raise SystemExit(f"unknown families {unknown}; known: {ALL_FAMILIES}")
-  batches = [int(b) for b in f.batches.split(",") if b]
-  configs = ["fixture"] if f.quick else [c for c in f.configs.split(",") if c]
-  rounds = min(f.rounds, 3) if f.quick else f.rounds
-  result = run(
+    raise ValueError(f"unknown families {unknown}; known: {ALL_FAMILIES}")
+  batches = [int(b) for b in config.batches.split(",") if b]
+  configs = ["fixture"] if config.quick else [c for c in config.configs.split(",") if c]
+  rounds = min(config.rounds, 3) if config.quick else config.rounds
+  result = measure(
     families,
     batches,
     configs,
     rounds,
-    f.dcgan_weights,
-    f.biggan_package,
-    out_path=f.out,
-    torch_threads=f.torch_threads,
+    config.dcgan_weights,
+    config.biggan_package,
+    log=log,
+    out_path=config.out,
+    torch_threads=config.torch_threads,
   )
   print(TABLE_HEAD)
   for row in result["results"]:
     print(table_line(row))
-
-
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  flags.DEFINE_string("out", None, "Write the JSON here.")
-  flags.DEFINE_bool("quick", False, "Fixture configurations only, 3 rounds (< 60 s).")
-  flags.DEFINE_string(
-    "families", ",".join(TORCH_FAMILIES), f"Comma-separated, of {','.join(ALL_FAMILIES)}."
-  )
-  flags.DEFINE_string("batches", "1,8,32", "Comma-separated batch sizes.")
-  flags.DEFINE_string("configs", "fixture,real", "fixture and/or real (realistic widths).")
-  flags.DEFINE_integer("rounds", 7, "Interleaved repetitions per case.")
-  flags.DEFINE_integer(
-    "torch_threads", None, "Default: the cores JAX uses (a diagnostic otherwise)."
-  )
-  flags.DEFINE_string("dcgan_weights", DCGAN_WEIGHTS, "The real DCGAN's torch checkpoint.")
-  flags.DEFINE_string(
-    "biggan_package",
-    os.environ.get("BIGGAN_PACKAGE"),
-    "Folder holding pytorch_pretrained_biggan/ (the unzipped wheel).",
-  )
+  return result
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=ungrouped-imports
+  # `cli` imports JAX: here only, so that the torch worker (which imports this module) never does.
+  from experiments.plumbing import cli  # pylint: disable=ungrouped-imports
 
-  _define_flags()
-  app.run(main)
+  cli.main(run, SPEC, stoppable=False)

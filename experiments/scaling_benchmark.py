@@ -33,7 +33,17 @@ import subprocess
 import sys
 import time
 
+from experiments.plumbing import options
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEC = options.replace(
+  options.spec(
+    "out",
+    quick=options.Flag("bool", False, "Tiny sizes (smoke test)."),
+    per_device=options.Flag("integer", 32, "Samples per device (weak scaling)."),
+  ),
+  out=dict(default="scaling.json", help="Where to write the JSON report."),
+)
 
 
 def _bytes(tree) -> int:
@@ -205,9 +215,11 @@ def specs(quick: bool, per_device: int) -> list[dict]:
   return [dict(row, devices=d, processes=p) for row in (resident, in_step) for d, p in layouts]
 
 
-def run(out: str, quick: bool = False, per_device: int = 32) -> dict:
+def run(config) -> dict:
+  """Every row of `specs` (each in fresh processes); writes the report to `--out` and returns it."""
   import jax  # pylint: disable=import-outside-toplevel
 
+  out, quick, per_device = config.out, config.quick, config.per_device
   rows = []
   for spec in specs(quick, per_device):
     row = run_row(spec)
@@ -231,16 +243,9 @@ def run(out: str, quick: bool = False, per_device: int = 32) -> dict:
   return report
 
 
-def main(argv):
-  del argv
-  run(FLAGS.out, FLAGS.quick, FLAGS.per_device)
-
-
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  # `cli` imports JAX: here only, so that a row's process (which imports this module)
+  # configures its devices before anything else touches JAX.
+  from experiments.plumbing import cli  # pylint: disable=ungrouped-imports
 
-  flags.DEFINE_string("out", "scaling.json", "Where to write the JSON report.")
-  flags.DEFINE_bool("quick", False, "Tiny sizes (smoke test).")
-  flags.DEFINE_integer("per_device", 32, "Samples per device (weak scaling).")
-  FLAGS = flags.FLAGS
-  app.run(main)
+  cli.main(run, SPEC, stoppable=False)

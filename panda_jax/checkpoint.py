@@ -86,7 +86,7 @@ class FitCheckpoints:
   The newest checkpoint is the resume point; older ones are pruned (`keep`).
   """
 
-  def __init__(self, directory: str, keep: int = 2):
+  def __init__(self, directory: str, keep: int = 2) -> None:
     directory = os.path.abspath(os.fspath(directory))
     options = ocp.CheckpointManagerOptions(
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -95,7 +95,7 @@ class FitCheckpoints:
     )
     self._manager = ocp.CheckpointManager(directory, options=options)
 
-  def latest_step(self):
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: FitState, history: np.ndarray) -> None:
@@ -113,7 +113,7 @@ class FitCheckpoints:
         f"{' '.join(str(err).split())[:300]}"
       ) from err
 
-  def restore(self, template: FitState):
+  def restore(self, template: FitState) -> tuple[FitState, np.ndarray]:
     """`(state, history)` of the newest checkpoint; `template` fixes the structure."""
     step = self._manager.latest_step()
     target = {

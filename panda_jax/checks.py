@@ -7,19 +7,21 @@ skipped (not silently wrong) when called with tracers.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def is_concrete(x) -> bool:
+def is_concrete(x: Any) -> bool:
   """True when `x` holds values (not a tracer inside `jit`/`vmap`/`grad`)."""
   return not isinstance(x, jax.core.Tracer)
 
 
-def flatten_features(features, name: str = "features"):
+def flatten_features(
+  features: jax.typing.ArrayLike, name: str = "features"
+) -> tuple[jax.Array | np.ndarray, Unflatten]:
   """Views `[n, h, w, c]` or `[n, s, c]` features as `[n, s, c]`.
 
   Returns:
@@ -40,14 +42,14 @@ def flatten_features(features, name: str = "features"):
 
 
 @jax.jit
-def _count_non_finite(x):
+def _count_non_finite(x: jax.Array) -> jax.Array:
   # Counted where the array lives (sharded arrays: on every device); only the count
   # reaches the host. float32 above 2^31 elements: the count is for the message.
   dtype = jnp.int32 if x.size < 2**31 else jnp.float32
   return jnp.sum(jnp.logical_not(jnp.isfinite(x)), dtype=dtype)
 
 
-def check_finite(x, name: str) -> None:
+def check_finite(x: jax.typing.ArrayLike, name: str) -> None:
   """Raises if a concrete array holds NaN or Inf (no-op on tracers).
 
   A NumPy array is checked on the host, a `jax.Array` on its device(s): the
@@ -64,7 +66,11 @@ def check_finite(x, name: str) -> None:
     raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or Inf)")
 
 
-def check_factors(z_shape, appearances, parts=None) -> None:
+def check_factors(
+  z_shape: tuple[int, ...],
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike | None = None,
+) -> None:
   """Checks `[c, r_c]` appearances and `[s, r_s]` parts against `[n, s, c]` features."""
   _, s, c = z_shape
   if appearances.ndim != 2 or appearances.shape[0] != c:
@@ -81,7 +87,7 @@ def check_ranks(s: int, c: int, rank_c: int, rank_s: int) -> None:
     raise ValueError(f"rank_s must be an integer in [1, s={s}], got {rank_s!r}")
 
 
-def check_index(index, size: int, name: str) -> None:
+def check_index(index: Any, size: int, name: str) -> None:
   """A Python integer index in [0, size)."""
   if not (isinstance(index, (int, np.integer)) and 0 <= index < size):
     raise ValueError(f"{name} must be an integer in [0, {size}), got {index!r}")

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Iterable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +82,13 @@ PARTS_STARTS = ("kmeans", "fibres", "uniform")  # The names `_initial_parts` kno
 
 
 def _initial_parts(
-  name: str, key, z, appearances, rank_s: int, reduce, axis_name=None
+  name: str,
+  key: jax.Array,
+  z: jax.Array,
+  appearances: jax.Array,
+  rank_s: int,
+  reduce: Callable[[jax.Array], jax.Array],
+  axis_name: str | None = None,
 ) -> jax.Array:
   """The parts start `P^(1)`, `[s, r_s]`, from `z` `[n, c, s]` and `A^(1)` `[c, r_c]`.
 
@@ -102,7 +108,13 @@ def _initial_parts(
   return parts_init.uniform(key, z.shape[2], rank_s).astype(z.dtype)
 
 
-def _largest_eigenvalue(matvec, dim: int, key, dtype, iterations: int = 10):
+def _largest_eigenvalue(
+  matvec: Callable[[jax.Array], jax.Array],
+  dim: int,
+  key: jax.Array,
+  dtype: jax.typing.DTypeLike,
+  iterations: int = 10,
+) -> jax.Array:
   """Power iteration for the top eigenvalue of a PSD operator on `[dim, 1]` vectors.
 
   The start is drawn in float32 whatever `dtype`, so runs in float32 and float64
@@ -110,7 +122,7 @@ def _largest_eigenvalue(matvec, dim: int, key, dtype, iterations: int = 10):
   """
   v = jax.random.normal(key, (dim, 1), jnp.float32).astype(dtype)
 
-  def body(v, _):
+  def body(v: jax.Array, _: None) -> tuple[jax.Array, None]:
     w = matvec(v)
     return w / jnp.maximum(jnp.linalg.norm(w), 1e-30), None
 
@@ -118,7 +130,13 @@ def _largest_eigenvalue(matvec, dim: int, key, dtype, iterations: int = 10):
   return jnp.vdot(v, matvec(v))
 
 
-def _initial_step_sizes(z, zp, appearances, key, reduce):
+def _initial_step_sizes(
+  z: jax.Array,
+  zp: jax.Array,
+  appearances: jax.Array,
+  key: jax.Array,
+  reduce: Callable[[jax.Array], jax.Array],
+) -> tuple[jax.Array, jax.Array]:
   """`1 / (8 lambda_max)` of each block's dominant curvature term (a safe start)."""
   kp, ka = jax.random.split(key)
   curv_p = _largest_eigenvalue(
@@ -134,7 +152,18 @@ def _initial_step_sizes(z, zp, appearances, key, reduce):
 @functools.partial(
   jax.jit, static_argnames=("rank_c", "rank_s", "parts_init_name", "config", "axis_name")
 )
-def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config, axis_name):
+def _init(
+  z: jax.Array,
+  key: jax.Array,
+  appearances: jax.Array | None,
+  parts: jax.Array | None,
+  *,
+  rank_c: int,
+  rank_s: int,
+  parts_init_name: str,
+  config: FitConfig,
+  axis_name: str | None,
+) -> FitState:
   reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
   _, key_p, key_step, key_run = jax.random.split(key, 4)
   if appearances is None:
@@ -156,16 +185,16 @@ def _init(z, key, appearances, parts, *, rank_c, rank_s, parts_init_name, config
 
 
 def init(
-  features,
+  features: jax.typing.ArrayLike | objective.Unfolded,
   rank_c: int,
   rank_s: int,
   *,
-  key,
+  key: jax.Array,
   config: FitConfig = FitConfig(),
   parts_init: str = "kmeans",
-  appearances=None,
-  parts=None,
-  axis_name=None,
+  appearances: jax.typing.ArrayLike | None = None,
+  parts: jax.typing.ArrayLike | None = None,
+  axis_name: str | None = None,
 ) -> FitState:
   """A `FitState` from a batch: HOSVD appearances (Section 3.4) and a parts start.
 
@@ -197,7 +226,15 @@ def init(
 # ----------------------------------------------------------------------------- steps
 
 
-def _projected_step(change_to, x, aux, grad, step_size, project, config: FitConfig):
+def _projected_step(
+  change_to: Callable[[jax.Array], tuple[jax.Array, Any]],
+  x: jax.Array,
+  aux: Any,
+  grad: jax.Array,
+  step_size: jax.Array,
+  project: Callable[[jax.Array], jax.Array],
+  config: FitConfig,
+) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
   """`x+ = project(x - t grad)`: adaptive `t` (backtracking) or the paper's fixed `lambda`.
 
   `change_to(x+) -> (exact change of Eq. 3, aux+)`. Returns `(x+, change, aux+, t)`.
@@ -211,13 +248,21 @@ def _projected_step(change_to, x, aux, grad, step_size, project, config: FitConf
   return new_x, change, aux, step_size
 
 
-def _optax_step(config: FitConfig, grad, opt_state, params, project):
+def _optax_step(
+  config: FitConfig,
+  grad: jax.Array,
+  opt_state: Any,
+  params: jax.Array,
+  project: Callable[[jax.Array], jax.Array],
+) -> tuple[jax.Array, Any]:
   """The autograd variant's update of one block: the optax transformation, then `project`."""
   updates, opt_state = _optimizer(config).update(grad, opt_state, params)
   return project(optax.apply_updates(params, updates)), opt_state
 
 
-def _parts_block(state: FitState, z, zp, config: FitConfig, axis_name):
+def _parts_block(
+  state: FitState, z: jax.Array, zp: jax.Array, config: FitConfig, axis_name: str | None
+) -> tuple[FitState, BlockStep]:
   """The P block (Eq. 4 and the projection) at `zp = Z P`: `(state, BlockStep)`.
 
   Trials are scored by their exact loss change (`objective.loss_change`), so
@@ -231,7 +276,7 @@ def _parts_block(state: FitState, z, zp, config: FitConfig, axis_name):
   decoded = objective.decode(lam, appearances)
   gram_p = parts.T @ parts
 
-  def change_to(new_parts):
+  def change_to(new_parts: jax.Array) -> tuple[jax.Array, jax.Array]:
     delta = new_parts - parts
     d_zp = objective.project_parts(z, delta)  # Z (P+ - P): one pass over Z.
     d_lam = objective.coefficients(d_zp, appearances)
@@ -260,7 +305,9 @@ def _parts_block(state: FitState, z, zp, config: FitConfig, axis_name):
   return state, BlockStep(change, zp)
 
 
-def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
+def _appearances_block(
+  state: FitState, zp: jax.Array, config: FitConfig, axis_name: str | None
+) -> tuple[FitState, BlockStep]:
   """The A block (Eq. 5) at `zp = Z P` (no pass over Z): `(state, BlockStep)`."""
   reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
   appearances, parts = state.appearances, state.parts
@@ -268,7 +315,7 @@ def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
   decoded = objective.decode(lam, appearances)
   gram_p = parts.T @ parts
 
-  def change_to(new_appearances):
+  def change_to(new_appearances: jax.Array) -> tuple[jax.Array, tuple[()]]:
     delta = new_appearances - appearances
     d_lam = objective.coefficients(zp, delta)  # (A+ - A)^T M.
     d_decoded = (
@@ -294,7 +341,7 @@ def _appearances_block(state: FitState, zp, config: FitConfig, axis_name):
   return state, BlockStep(change, zp)
 
 
-def _start(state: FitState, z, axis_name):
+def _start(state: FitState, z: jax.Array, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
   """`(Z P, Eq. 3)` at the state, the loss in the expanded form (accurate to eps ||Z||^2)."""
   zp = objective.project_parts(z, state.parts)
   value = objective.loss_from_projection(
@@ -303,7 +350,14 @@ def _start(state: FitState, z, axis_name):
   return zp, objective.sum_samples(value, axis_name)
 
 
-def _iteration(state: FitState, z, zp, value, config: FitConfig, axis_name):
+def _iteration(
+  state: FitState,
+  z: jax.Array,
+  zp: jax.Array,
+  value: jax.Array,
+  config: FitConfig,
+  axis_name: str | None,
+) -> tuple[FitState, jax.Array, jax.Array]:
   """One iteration of Algorithm 1 from `zp = Z P` and `value` = Eq. (3) at the state.
 
   The loss is carried by the blocks' exact changes (so on a fixed batch the
@@ -320,32 +374,58 @@ def _iteration(state: FitState, z, zp, value, config: FitConfig, axis_name):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "axis_name"))
-def _parts_step(state, z, projection, *, config, axis_name):
+def _parts_step(
+  state: FitState,
+  z: jax.Array,
+  projection: jax.Array | None,
+  *,
+  config: FitConfig,
+  axis_name: str | None,
+) -> tuple[FitState, BlockStep]:
   zp = objective.project_parts(z, state.parts) if projection is None else projection
   return _parts_block(state, z, zp, config, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "axis_name"))
-def _appearances_step(state, z, projection, *, config, axis_name):
+def _appearances_step(
+  state: FitState,
+  z: jax.Array | None,
+  projection: jax.Array | None,
+  *,
+  config: FitConfig,
+  axis_name: str | None,
+) -> tuple[FitState, BlockStep]:
   zp = objective.project_parts(z, state.parts) if projection is None else projection
   return _appearances_block(state, zp, config, axis_name)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "axis_name"))
-def _update(state, z, *, config, axis_name):
+def _update(
+  state: FitState, z: jax.Array, *, config: FitConfig, axis_name: str | None
+) -> tuple[FitState, dict[str, jax.Array]]:
   zp, value = _start(state, z, axis_name)
   state, _, value = _iteration(state, z, zp, value, config, axis_name)
   return state, {"loss": value}
 
 
 @functools.partial(jax.jit, static_argnames=("steps", "config", "axis_name"))
-def _run_steps(state, z, loss, *, steps, config, axis_name):
+def _run_steps(
+  state: FitState,
+  z: jax.Array,
+  loss: jax.Array,
+  *,
+  steps: int,
+  config: FitConfig,
+  axis_name: str | None,
+) -> tuple[FitState, jax.Array]:
   zp, value = _start(state, z, axis_name)
   # NaN `loss`: start the record from the expanded value; else continue it. A traced
   # choice, so the first chunk and the later ones share one compiled program.
   value = jnp.where(jnp.isnan(loss), value, loss.astype(value.dtype))
 
-  def body(carry, _):
+  def body(
+    carry: tuple[FitState, jax.Array, jax.Array], _: None
+  ) -> tuple[tuple[FitState, jax.Array, jax.Array], jax.Array]:
     state, zp, value = carry
     state, zp, value = _iteration(state, z, zp, value, config, axis_name)
     return (state, zp, value), value
@@ -355,8 +435,13 @@ def _run_steps(state, z, loss, *, steps, config, axis_name):
 
 
 def compile_steps(
-  state: FitState, features, steps: int, config: FitConfig = FitConfig(), *, axis_name=None
-):
+  state: FitState,
+  features: jax.typing.ArrayLike | objective.Unfolded,
+  steps: int,
+  config: FitConfig = FitConfig(),
+  *,
+  axis_name: str | None = None,
+) -> tuple[jax.stages.Compiled, tuple[FitState, jax.Array, jax.Array]]:
   """`run_steps` compiled ahead of time: `(compiled, arguments)`.
 
   `compiled(*arguments)` returns what `run_steps(state, features, steps, config)`
@@ -369,7 +454,7 @@ def compile_steps(
   return lowered.compile(), arguments
 
 
-def _device_keys(data_key, num_devices: int):
+def _device_keys(data_key: jax.Array, num_devices: int) -> jax.Array:
   """`[d, 2]` raw keys of this process's devices: `fold_in(data_key, global device index)`."""
   first = jax.process_index() * num_devices
   return jax.vmap(lambda d: jax.random.fold_in(data_key, d))(first + jnp.arange(num_devices))
@@ -378,20 +463,20 @@ def _device_keys(data_key, num_devices: int):
 def sampled_steps(
   state: FitState,
   sampler: DeviceSampler,
-  device_key,
-  first,
+  device_key: jax.Array,
+  first: jax.typing.ArrayLike,
   steps: int,
   config: FitConfig = FitConfig(),
   *,
-  axis_name=None,
-):
+  axis_name: str | None = None,
+) -> tuple[FitState, jax.Array]:
   """`steps` iterations of Algorithm 1 from step `first`, step t's batch drawn by
   `sampler` from `fold_in(device_key, t)` on this device, inside the step: the
   `DeviceSampler` counterpart of `run_steps`, for a caller's `pmap` (`fit` runs it
   with `device_key = fold_in(key, global device index)`). Returns `(state,
   losses [steps])`, each loss that of its own batch after the step."""
 
-  def body(state, t):
+  def body(state: FitState, t: jax.Array) -> tuple[FitState, jax.Array]:
     z = objective.unfold(sampler.sample(sampler.params, jax.random.fold_in(device_key, t)))
     state, metrics = _update(state, z, config=config, axis_name=axis_name)
     return state, metrics["loss"]
@@ -403,8 +488,13 @@ def sampled_steps(
 
 
 def _checked_batch(
-  state: FitState, features, config: FitConfig, projection=None, *, needs_batch: bool = True
-):
+  state: FitState,
+  features: jax.typing.ArrayLike | objective.Unfolded | None,
+  config: FitConfig,
+  projection: jax.Array | None = None,
+  *,
+  needs_batch: bool = True,
+) -> jax.Array | None:
   """`z` `[n, c, s]` with its shapes checked against the state (shapes only: works under
   jit); None when the step does not need the batch and `projection` stands in for it."""
   _validate_config(config)
@@ -421,8 +511,13 @@ def _checked_batch(
 
 
 def parts_step(
-  state: FitState, features, config: FitConfig = FitConfig(), *, projection=None, axis_name=None
-):
+  state: FitState,
+  features: jax.typing.ArrayLike | objective.Unfolded,
+  config: FitConfig = FitConfig(),
+  *,
+  projection: jax.Array | None = None,
+  axis_name: str | None = None,
+) -> tuple[FitState, BlockStep]:
   """The P block of Algorithm 1: a gradient step on Eq. (4), then the projection onto `P >= 0`.
 
   Args:
@@ -445,8 +540,13 @@ def parts_step(
 
 
 def appearances_step(
-  state: FitState, features, config: FitConfig = FitConfig(), *, projection=None, axis_name=None
-):
+  state: FitState,
+  features: jax.typing.ArrayLike | objective.Unfolded | None,
+  config: FitConfig = FitConfig(),
+  *,
+  projection: jax.Array | None = None,
+  axis_name: str | None = None,
+) -> tuple[FitState, BlockStep]:
   """The A block of Algorithm 1: a gradient step on Eq. (5) (unconstrained).
 
   The block sees the data only through `M_i = Z_i P` (`[n, c, r_s]`): with
@@ -457,7 +557,13 @@ def appearances_step(
   return _appearances_step(state, z, projection, config=config, axis_name=axis_name)
 
 
-def update(state: FitState, features, config: FitConfig = FitConfig(), *, axis_name=None):
+def update(
+  state: FitState,
+  features: jax.typing.ArrayLike | objective.Unfolded,
+  config: FitConfig = FitConfig(),
+  *,
+  axis_name: str | None = None,
+) -> tuple[FitState, dict[str, jax.Array]]:
   """One iteration of Algorithm 1 on a batch: `parts_step`, then `appearances_step`.
 
   `features` as in `parts_step`. Returns `(state, {"loss": Eq. (3) after the step})`,
@@ -469,13 +575,13 @@ def update(state: FitState, features, config: FitConfig = FitConfig(), *, axis_n
 
 def run_steps(
   state: FitState,
-  features,
+  features: jax.typing.ArrayLike | objective.Unfolded,
   steps: int,
   config: FitConfig = FitConfig(),
   *,
-  loss=None,
-  axis_name=None,
-):
+  loss: jax.typing.ArrayLike | None = None,
+  axis_name: str | None = None,
+) -> tuple[FitState, jax.Array]:
   """`steps` iterations of Algorithm 1 on one batch as one compiled `lax.scan`.
 
   Carries `Z P` from one iteration to the next (three passes over Z per
@@ -496,7 +602,7 @@ def run_steps(
   return _run_steps(state, z, loss, steps=int(steps), config=config, axis_name=axis_name)
 
 
-def _as_raw_key(key):
+def _as_raw_key(key: jax.Array) -> jax.Array:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return jax.random.key_data(key)
   return key
@@ -513,7 +619,15 @@ def _validate_config(config: FitConfig) -> None:
     raise ValueError(f"step_size must be a positive finite float or None, got {config.step_size!r}")
 
 
-def _validate(z, rank_c, rank_s, config, parts_init_name, appearances, parts):
+def _validate(
+  z: jax.Array | jax.ShapeDtypeStruct,
+  rank_c: int,
+  rank_s: int,
+  config: FitConfig,
+  parts_init_name: str,
+  appearances: jax.typing.ArrayLike | None,
+  parts: jax.typing.ArrayLike | None,
+) -> None:
   """Ranks, options and starting factors against `z` `[n, c, s]` (shapes only: works under jit)."""
   _, c, s = z.shape
   checks.check_ranks(s, c, rank_c, rank_s)
@@ -532,7 +646,7 @@ def _validate(z, rank_c, rank_s, config, parts_init_name, appearances, parts):
 class _Batches:
   """Uniform access to a fixed array, a sampler `key -> batch`, or an iterator."""
 
-  def __init__(self, data):
+  def __init__(self, data: Any) -> None:
     if isinstance(data, DeviceSampler):
       self.kind, self.data = "device", data
     elif hasattr(data, "shape"):
@@ -547,7 +661,7 @@ class _Batches:
         f"got {type(data).__name__}"
       )
 
-  def get(self, key):
+  def get(self, key: jax.Array) -> Any:
     if self.kind == "fixed":
       return self.data
     if self.kind == "sampler":
@@ -558,7 +672,7 @@ class _Batches:
       raise ValueError("the sampler is exhausted (no batch left)") from None
 
 
-def _batch_key(data_key, t: int):
+def _batch_key(data_key: jax.Array, t: int) -> jax.Array:
   """The key of step t's batch: `fold_in(data_key, t)`, and in a run of several
   processes `fold_in(fold_in(data_key, t), process_index)`, so that each process
   draws its own samples (the documented per-process stream)."""
@@ -569,13 +683,15 @@ def _batch_key(data_key, t: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _unfold_in_place(num_devices: int):
+def _unfold_in_place(num_devices: int) -> Callable[[jax.Array], jax.Array]:
   """`[d, m, s, c]` (or `[d, m, h, w, c]`) shards -> `[d, m, c, s]`, each on its device."""
   del num_devices  # A cache key only: pmap takes the device count from the input.
   return jax.pmap(objective.unfold, AXIS)
 
 
-def shard_batch(features, num_devices: Optional[int] = None) -> objective.Unfolded:
+def shard_batch(
+  features: jax.typing.ArrayLike, num_devices: int | None = None
+) -> objective.Unfolded:
   """Features `[n, s, c]` / `[n, h, w, c]` -> `Unfolded` `[d, ceil(n/d), c, s]`
   resident on the first `d` local devices (default: all), one shard each: the
   batch of a `pmap` over `AXIS` (what `fit` runs on several devices).
@@ -602,7 +718,7 @@ def shard_batch(features, num_devices: Optional[int] = None) -> objective.Unfold
 
 
 @functools.lru_cache(maxsize=None)
-def _pmapped(kind: str, static: tuple):
+def _pmapped(kind: str, static: tuple) -> Callable[..., Any]:
   """`init` / `run_steps` / `update` pmapped over the local devices with `axis_name=AXIS`.
 
   Cached on the static options, so repeated `fit` calls reuse the compiled programs.
@@ -653,26 +769,29 @@ def _pmapped(kind: str, static: tuple):
 
 
 def fit(
-  features_or_sampler,
+  features_or_sampler: jax.typing.ArrayLike
+  | Callable[[jax.Array], jax.typing.ArrayLike]
+  | Iterable[jax.typing.ArrayLike]
+  | DeviceSampler,
   rank_c: int,
   rank_s: int,
   *,
   steps: int,
-  key,
-  step_size: Optional[float] = None,
+  key: jax.Array,
+  step_size: float | None = None,
   method: str = "bcd",
   learning_rate: float = 1e-3,
-  optimizer: Optional[optax.GradientTransformation] = None,
+  optimizer: optax.GradientTransformation | None = None,
   parts_init: str = "kmeans",
-  appearances=None,
-  parts=None,
+  appearances: jax.typing.ArrayLike | None = None,
+  parts: jax.typing.ArrayLike | None = None,
   chunk_size: int = 50,
-  checkpoint_dir: Optional[str] = None,
-  checkpoint_every: Optional[int] = None,
-  num_devices: Optional[int] = None,
+  checkpoint_dir: str | None = None,
+  checkpoint_every: int | None = None,
+  num_devices: int | None = None,
   progress: bool = True,
   search: pgd.LineSearch = pgd.LineSearch(),
-  stop: Optional[Callable[[], bool]] = None,
+  stop: Callable[[], bool] | None = None,
 ) -> Factors:
   """Learns appearances `A` and parts `P >= 0` by Algorithm 1.
 
@@ -864,7 +983,7 @@ def fit(
   )
 
 
-def _check_finite_run(losses, state, first_step: int) -> None:
+def _check_finite_run(losses: np.ndarray, state: FitState, first_step: int) -> None:
   bad = np.flatnonzero(~np.isfinite(losses))
   factors_ok = bool(jnp.all(jnp.isfinite(state.appearances)) & jnp.all(jnp.isfinite(state.parts)))
   if bad.size or not factors_ok:
@@ -876,7 +995,7 @@ def _check_finite_run(losses, state, first_step: int) -> None:
     )
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool) -> Any:
   enabled = enabled and jax.process_index() == 0
   try:
     from tqdm.auto import tqdm
@@ -885,10 +1004,10 @@ def _progress(total: int, initial: int, enabled: bool):
   if not enabled:
 
     class _Null:
-      def update(self, _):
+      def update(self, _: int) -> None:
         pass
 
-      def close(self):
+      def close(self) -> None:
         pass
 
     return _Null()

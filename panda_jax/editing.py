@@ -56,7 +56,7 @@ from panda_jax import interpret
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def downsample_mask(mask, grid):
+def downsample_mask(mask: jax.typing.ArrayLike, grid: tuple[int, int]) -> jax.Array:
   """Area average of `[H, W]` or `[n, H, W]` masks onto `grid=(h, w)`.
 
   Returns:
@@ -78,7 +78,7 @@ def downsample_mask(mask, grid):
 NORMALISATIONS = ("minmax", "max")
 
 
-def _check_parts(parts, n: int, s: int):
+def _check_parts(parts: jax.typing.ArrayLike, n: int, s: int) -> None:
   if parts.ndim == 2 and parts.shape[0] == s:
     return
   if parts.ndim == 3 and parts.shape[:2] == (n, s):
@@ -88,7 +88,7 @@ def _check_parts(parts, n: int, s: int):
   )
 
 
-def _part_indices(part):
+def _part_indices(part: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike]) -> jax.Array | None:
   """The part indices of `part`: int32 `[]` (one part) or `[t]` (a union); None for a mask."""
   if isinstance(part, (list, tuple)):
     if not part:
@@ -120,7 +120,7 @@ def _part_indices(part):
   return part.astype(jnp.int32)
 
 
-def normalise_part(summed, normalise: str = "minmax"):
+def normalise_part(summed: jax.Array, normalise: str = "minmax") -> jax.Array:
   """Maps a part `[(n,) s]` (`P >= 0`) into [0, 1] per sample (see the module doc).
 
   Args:
@@ -138,7 +138,12 @@ def normalise_part(summed, normalise: str = "minmax"):
   return jnp.where(span == 0, 0, (summed - low) / jnp.where(span == 0, 1, span))
 
 
-def part_weights(part, parts, features, normalise: str = "minmax"):
+def part_weights(
+  part: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  parts: jax.typing.ArrayLike,
+  features: jax.typing.ArrayLike,
+  normalise: str = "minmax",
+) -> jax.Array:
   """The spatial weights of an edit: `[s]` or `[n, s]` (see the module doc).
 
   Args:
@@ -176,7 +181,7 @@ def part_weights(part, parts, features, normalise: str = "minmax"):
   return mask
 
 
-def _vector(appearances, index, name: str):
+def _vector(appearances: jax.typing.ArrayLike, index: jax.typing.ArrayLike, name: str) -> jax.Array:
   """One column of A, `[c]`, for an index that may be traced."""
   vector = interpret.take_index(appearances, index, name)
   if vector.ndim != 1:
@@ -184,7 +189,7 @@ def _vector(appearances, index, name: str):
   return vector
 
 
-def _alpha(alpha, n: int):
+def _alpha(alpha: jax.typing.ArrayLike, n: int) -> jax.Array:
   """A scalar or `[n]` strength as `[n or 1, 1, 1]`."""
   checks.check_finite(alpha, "alpha")
   alpha = jnp.asarray(alpha)
@@ -193,13 +198,20 @@ def _alpha(alpha, n: int):
   return jnp.reshape(alpha, (-1, 1, 1))
 
 
-def _direction(weights, vector, alpha):
+def _direction(weights: jax.Array, vector: jax.Array, alpha: jax.Array) -> jax.Array:
   """`alpha * vector weights^T` in our layout: `[n or 1, s, c]`."""
   s = weights.shape[-1]
   return alpha * jnp.reshape(weights, (-1, s, 1)) * jnp.reshape(vector, (1, 1, -1))
 
 
-def edit_many(features, appearances, parts, edits: Sequence, *, normalise: str = "minmax"):
+def edit_many(
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  edits: Sequence[tuple],
+  *,
+  normalise: str = "minmax",
+) -> jax.Array:
   """Several local edits at once: `Z_i + sum_t alpha_t a_(j_t) p^_(k_t)^T`.
 
   Args:
@@ -234,7 +246,16 @@ def edit_many(features, appearances, parts, edits: Sequence, *, normalise: str =
   return unflatten(z + delta.astype(z.dtype))
 
 
-def edit(features, appearances, parts, part, appearance, alpha, *, normalise: str = "minmax"):
+def edit(
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  appearance: jax.typing.ArrayLike,
+  alpha: jax.typing.ArrayLike,
+  *,
+  normalise: str = "minmax",
+) -> jax.Array:
   """Local edit `Z_i + alpha a_j p^_k^T` (Sec. 3.3.1), `p^_k` the part mapped to [0, 1].
 
   Args:
@@ -258,7 +279,13 @@ def edit(features, appearances, parts, part, appearance, alpha, *, normalise: st
   return edit_many(features, appearances, parts, [(part, appearance, alpha)], normalise=normalise)
 
 
-def propose_background(features, appearances, *, mu=None, border: int = 1):
+def propose_background(
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  *,
+  mu: jax.typing.ArrayLike | None = None,
+  border: int = 1,
+) -> tuple[jax.Array, jax.Array]:
   """Proposes the "background" concept (Sec. 5.1.1): the one on the border.
 
   Scores each concept k by how much its localisation mask `[m_iks >= mu_k]`
@@ -298,17 +325,17 @@ def propose_background(features, appearances, *, mu=None, border: int = 1):
 
 
 def remove_object(
-  features,
-  appearances,
-  parts,
-  part,
-  alpha,
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  alpha: jax.typing.ArrayLike,
   *,
-  background=None,
-  mu=None,
+  background: jax.typing.ArrayLike | None = None,
+  mu: jax.typing.ArrayLike | None = None,
   border: int = 1,
   normalise: str = "minmax",
-):
+) -> tuple[jax.Array, jax.typing.ArrayLike]:
   """Object removal (Sec. 5.1.1): adds the background concept at `part`.
 
   `Z_i + alpha a_b p^^T` with b = `background` (an int or an integer scalar
@@ -331,7 +358,15 @@ def remove_object(
   return unflatten(z + delta.astype(z.dtype)), background
 
 
-def rewrite(features, appearances, source, target, alpha, *, keep_residual: bool = True):
+def rewrite(
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  source: jax.typing.ArrayLike,
+  target: jax.typing.ArrayLike,
+  alpha: jax.typing.ArrayLike,
+  *,
+  keep_residual: bool = True,
+) -> jax.Array:
   """Concept rewriting (Sec. 5.5): moves concept j's positive mass onto k.
 
   With the coefficients `Z^_i = A^T Z_i` (rows = concepts), Eqs. (14)-(16):

@@ -15,7 +15,7 @@ ranking) can be regenerated from its index alone, whatever the batch size.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,24 +24,29 @@ import numpy as np
 from panda_jax import decomposition, editing
 from panda_jax import interpret
 
+if TYPE_CHECKING:
+  from panda_jax.generators.base import Generator
 
-def _renderer(gen, latents, layer: int, noise_key):
+
+def _renderer(
+  gen: Generator, latents: Any, layer: int, noise_key: jax.Array | None
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
   """`(x, render)`: the features at `layer` and `render(x') -> images`."""
   x, carry = gen.split(latents, layer, noise_key=noise_key)
   return x, lambda y: gen.resume(y, carry, latents, layer, noise_key=noise_key)
 
 
 def edit_images(
-  gen,
-  latents,
+  gen: Generator,
+  latents: Any,
   layer: int,
-  appearances,
-  parts,
-  edits: Sequence,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  edits: Sequence[tuple],
   *,
   normalise: str = "minmax",
-  noise_key=None,
-):
+  noise_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Images before and after `editing.edit_many` at `layer` (Sec. 3.3.1).
 
   Args:
@@ -59,20 +64,20 @@ def edit_images(
 
 
 def remove_object_images(
-  gen,
-  latents,
+  gen: Generator,
+  latents: Any,
   layer: int,
-  appearances,
-  parts,
-  part,
-  alpha,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | Sequence[jax.typing.ArrayLike],
+  alpha: jax.typing.ArrayLike,
   *,
-  background=None,
-  mu=None,
+  background: jax.typing.ArrayLike | None = None,
+  mu: jax.typing.ArrayLike | None = None,
   border: int = 1,
   normalise: str = "minmax",
-  noise_key=None,
-):
+  noise_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.typing.ArrayLike]:
   """Images before and after `editing.remove_object` (Sec. 5.1.1).
 
   Returns:
@@ -95,17 +100,17 @@ def remove_object_images(
 
 
 def rewrite_images(
-  gen,
-  latents,
+  gen: Generator,
+  latents: Any,
   layer: int,
-  appearances,
-  source,
-  target,
-  alpha,
+  appearances: jax.typing.ArrayLike,
+  source: jax.typing.ArrayLike,
+  target: jax.typing.ArrayLike,
+  alpha: jax.typing.ArrayLike,
   *,
   keep_residual: bool = True,
-  noise_key=None,
-):
+  noise_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Images before and after `editing.rewrite` (Sec. 5.5, Eqs. 14-16).
 
   Returns:
@@ -118,8 +123,14 @@ def rewrite_images(
 
 
 def saliency_images(
-  gen, latents, layer: int, appearances, *, method: str = "bilinear", noise_key=None
-):
+  gen: Generator,
+  latents: Any,
+  layer: int,
+  appearances: jax.typing.ArrayLike,
+  *,
+  method: str = "bilinear",
+  noise_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Images with their saliency maps at image size (Sec. 5.1.2).
 
   Returns:
@@ -135,7 +146,7 @@ def saliency_images(
   return images, maps, upsampled
 
 
-def seed_keys(seed: int):
+def seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   """`(sample_key, fit_key)` of a seed: the sample stream and the fit's key.
 
   Sample t of the stream `seed` has the latents `sample_latents(gen,
@@ -145,7 +156,14 @@ def seed_keys(seed: int):
   return sample_key, fit_key
 
 
-def sample_latents(gen, key, indices, *, truncation_psi: float = 1.0, truncation_cutoff=None):
+def sample_latents(
+  gen: Generator,
+  key: jax.Array,
+  indices: jax.typing.ArrayLike,
+  *,
+  truncation_psi: float = 1.0,
+  truncation_cutoff: int | None = None,
+) -> Any:
   """The latents of the samples `indices` (`[b]` ints) of the stream `key`."""
   indices = jnp.asarray(indices, jnp.int32)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
@@ -160,15 +178,15 @@ def sample_latents(gen, key, indices, *, truncation_psi: float = 1.0, truncation
 
 
 def sampled_features(
-  gen,
-  key,
+  gen: Generator,
+  key: jax.Array,
   layer: int,
   *,
   num_samples: int,
   batch_size: int,
   truncation_psi: float = 1.0,
-  truncation_cutoff=None,
-) -> Iterator:
+  truncation_cutoff: int | None = None,
+) -> Iterator[jax.Array]:
   """Yields the features `[b, h, w, c]` at `layer` of samples 0 .. num_samples-1."""
   if not (num_samples >= 1 and batch_size >= 1):
     raise ValueError(
@@ -183,8 +201,13 @@ def sampled_features(
 
 
 def feature_sampler(
-  gen, layer: int, samples_per_device: int, *, truncation_psi: float = 1.0, truncation_cutoff=None
-):
+  gen: Generator,
+  layer: int,
+  samples_per_device: int,
+  *,
+  truncation_psi: float = 1.0,
+  truncation_cutoff: int | None = None,
+) -> decomposition.DeviceSampler:
   """A `DeviceSampler` of `gen`'s features at `layer` for `pj.fit`: latents in, features out.
 
   Each device draws `samples_per_device` latents from its step key
@@ -196,7 +219,7 @@ def feature_sampler(
     raise ValueError(f"samples_per_device must be positive, got {samples_per_device}")
   indices = np.arange(samples_per_device)
 
-  def sample(params, key):
+  def sample(params: Any, key: jax.Array) -> jax.Array:
     g = gen.with_params(params)
     latents = sample_latents(
       g, key, indices, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff
@@ -206,7 +229,9 @@ def feature_sampler(
   return decomposition.DeviceSampler(sample, gen.params)
 
 
-def concept_means_sampled(gen, key, layer: int, appearances, **sampling):
+def concept_means_sampled(
+  gen: Generator, key: jax.Array, layer: int, appearances: jax.typing.ArrayLike, **sampling: Any
+) -> jax.Array:
   """mu_k `[r_c]` (Sec. 5.1.2) streamed over sampled latents.
 
   `sampling`: the keyword arguments of `sampled_features`.
@@ -215,7 +240,15 @@ def concept_means_sampled(gen, key, layer: int, appearances, **sampling):
 
 
 def rank_sampled(
-  gen, key, layer: int, appearances, appearance, part=None, *, k: int = 10, **sampling
+  gen: Generator,
+  key: jax.Array,
+  layer: int,
+  appearances: jax.typing.ArrayLike,
+  appearance: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | None = None,
+  *,
+  k: int = 10,
+  **sampling: Any,
 ) -> interpret.Ranking:
   """Top/bottom-k samples by Eq. (17) / (18), streamed over sampled latents.
 

@@ -8,7 +8,7 @@ dataset is never held in memory at once.
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable
 
 import jax
 from jax.experimental import multihost_utils
@@ -18,7 +18,7 @@ import numpy as np
 from panda_jax import checks
 
 
-def scatter_init(num_channels: int, dtype=jnp.float32) -> jax.Array:
+def scatter_init(num_channels: int, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
   """An empty `[c, c]` channel scatter."""
   return jnp.zeros((num_channels, num_channels), dtype)
 
@@ -29,13 +29,13 @@ def unfolded_scatter(z: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _accumulate(scatter, features):
+def _accumulate(scatter: jax.Array, features: jax.typing.ArrayLike) -> jax.Array:
   z, _ = checks.flatten_features(features)
   flat = jnp.reshape(z, (-1, z.shape[-1]))  # [n*s, c]: one GEMM, no per-sample [c, c].
   return scatter + flat.T @ flat
 
 
-def scatter_update(scatter: jax.Array, features) -> jax.Array:
+def scatter_update(scatter: jax.Array, features: jax.typing.ArrayLike) -> jax.Array:
   """Adds `sum_i Z_i(3) Z_i(3)^T` of a batch (`[n, s, c]` or `[n, h, w, c]`)."""
   if features.shape[-1] != scatter.shape[0]:
     raise ValueError(f"batch has {features.shape[-1]} channels, the scatter {scatter.shape[0]}")
@@ -60,7 +60,7 @@ def scatter_finalize(scatter: jax.Array, rank_c: int) -> jax.Array:
 
 
 def hosvd_init(
-  features_or_batches: Union[jax.Array, np.ndarray, Iterable], rank_c: int
+  features_or_batches: jax.typing.ArrayLike | Iterable[jax.typing.ArrayLike], rank_c: int
 ) -> jax.Array:
   """`A^(1)`: top-`r_c` left singular vectors of the channel scatter.
 

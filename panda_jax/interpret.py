@@ -25,7 +25,7 @@ from panda_jax import checks
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def take_index(matrix, index, name: str):
+def take_index(matrix: jax.typing.ArrayLike, index: jax.typing.ArrayLike, name: str) -> jax.Array:
   """Columns `index` of `matrix` (`[..., r]`), for an index that may be traced.
 
   Args:
@@ -65,7 +65,7 @@ def take_index(matrix, index, name: str):
   return jnp.take(matrix, index, axis=-1, mode="fill", fill_value=jnp.nan)
 
 
-def feature_grid(features) -> tuple[int, int]:
+def feature_grid(features: jax.typing.ArrayLike) -> tuple[int, int]:
   """The spatial grid `(h, w)` of `[n, h, w, c]` features.
 
   `[n, s, c]` features are read as a square `sqrt(s) x sqrt(s)` grid (row-major,
@@ -87,7 +87,7 @@ def feature_grid(features) -> tuple[int, int]:
   return g, g
 
 
-def saliency(features, appearances):
+def saliency(features: jax.typing.ArrayLike, appearances: jax.typing.ArrayLike) -> jax.Array:
   """Saliency maps `m_ik = a_k^T Z_i` for every sample and concept (Sec. 5.1.2).
 
   Args:
@@ -108,7 +108,9 @@ def saliency(features, appearances):
   return jnp.einsum("nsc,cr->nsr", z, appearances, precision=_HIGHEST)
 
 
-def upsample_saliency(maps, grid, size, method: str = "bilinear"):
+def upsample_saliency(
+  maps: jax.typing.ArrayLike, grid: tuple[int, int], size: tuple[int, int], method: str = "bilinear"
+) -> jax.Array:
   """Resizes `[n, s, r]` saliency maps on a `grid=(h, w)` to image `size=(H, W)`.
 
   Uses `jax.image.resize` (half-pixel centres); `method` is any of its methods,
@@ -140,7 +142,9 @@ def concept_mean_init(rank_c: int) -> ConceptMeanState:
   return ConceptMeanState(mean=jnp.zeros((rank_c,), jnp.float32), count=jnp.zeros((), jnp.int32))
 
 
-def concept_mean_update(state: ConceptMeanState, features, appearances) -> ConceptMeanState:
+def concept_mean_update(
+  state: ConceptMeanState, features: jax.typing.ArrayLike, appearances: jax.typing.ArrayLike
+) -> ConceptMeanState:
   """Adds one batch of features `[n, (h, w | s), c]` to the statistics.
 
   A running mean (not a running sum), so that float32 keeps its precision over
@@ -156,14 +160,16 @@ def concept_mean_update(state: ConceptMeanState, features, appearances) -> Conce
   return ConceptMeanState(mean=mean, count=count)
 
 
-def concept_mean_finalize(state: ConceptMeanState):
+def concept_mean_finalize(state: ConceptMeanState) -> jax.Array:
   """`mu_k = 1/(N S) sum_{n,s} m_nks`, `[r_c]` (Sec. 5.1.2)."""
   if checks.is_concrete(state.count) and int(state.count) == 0:
     raise ValueError("no batch was given to concept_mean_update")
   return state.mean
 
 
-def concept_means(batches: Iterable, appearances):
+def concept_means(
+  batches: Iterable[jax.typing.ArrayLike], appearances: jax.typing.ArrayLike
+) -> jax.Array:
   """mu_k, `[r_c]`, over an iterable of feature batches (streamed)."""
   update = jax.jit(concept_mean_update)
   state = concept_mean_init(int(appearances.shape[1]))
@@ -172,7 +178,7 @@ def concept_means(batches: Iterable, appearances):
   return concept_mean_finalize(state)
 
 
-def localise(maps, mu):
+def localise(maps: jax.typing.ArrayLike, mu: jax.typing.ArrayLike) -> jax.Array:
   """Unsupervised localisation masks `[m_iks >= mu_k]` (Sec. 5.1.2, after [14]).
 
   Args:
@@ -187,7 +193,12 @@ def localise(maps, mu):
   return maps >= jnp.reshape(mu, (1,) * (maps.ndim - 1) + mu.shape)
 
 
-def rank(features, appearances, appearance, part=None):
+def rank(
+  features: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  appearance: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
   """Amount of concept j per sample: Eq. (17), or Eq. (18) at a part.
 
   Args:
@@ -254,7 +265,9 @@ def rank_init(k: int) -> RankState:
   )
 
 
-def _merge_top(scores, index, new_scores, new_index):
+def _merge_top(
+  scores: jax.Array, index: jax.Array, new_scores: jax.Array, new_index: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """The k largest of the union; earlier samples win ties."""
   k = scores.shape[0]
   all_scores = jnp.concatenate([scores, new_scores])
@@ -263,7 +276,7 @@ def _merge_top(scores, index, new_scores, new_index):
   return top, all_index[pos]
 
 
-def rank_update(state: RankState, scores) -> RankState:
+def rank_update(state: RankState, scores: jax.Array) -> RankState:
   """Adds the `[b]` scores of the next batch (samples `count .. count + b - 1`)."""
   if scores.ndim != 1:
     raise ValueError(f"scores must be [b], got shape {tuple(scores.shape)}")
@@ -291,7 +304,14 @@ def rank_finalize(state: RankState) -> Ranking:
   )
 
 
-def rank_dataset(batches: Iterable, appearances, appearance, part=None, *, k: int = 10) -> Ranking:
+def rank_dataset(
+  batches: Iterable[jax.typing.ArrayLike],
+  appearances: jax.typing.ArrayLike,
+  appearance: jax.typing.ArrayLike,
+  part: jax.typing.ArrayLike | None = None,
+  *,
+  k: int = 10,
+) -> Ranking:
   """Streams `rank` (Eq. 17 / 18) over feature batches; the top and bottom `k`.
 
   Sample indices count the samples in the order the batches come.

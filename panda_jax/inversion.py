@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+if TYPE_CHECKING:
+  from panda_jax.generators.base import Generator
 
 # Module-level defaults, so that repeated calls hit the same compiled program
 # (`jit` keys on the optimiser's functions).
@@ -68,11 +71,11 @@ class Inversion(NamedTuple):
   """
 
   latents: Any
-  features: Optional[jax.Array]
+  features: jax.Array | None
   carry: Any
   reconstruction: jax.Array
   loss_history: jax.Array
-  latent_reconstruction: Optional[jax.Array] = None
+  latent_reconstruction: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------- losses
@@ -81,7 +84,7 @@ class Inversion(NamedTuple):
 _BLUR = np.array([1.0, 4.0, 6.0, 4.0, 1.0], np.float32) / 16.0
 
 
-def blur(images):
+def blur(images: jax.typing.ArrayLike) -> jax.Array:
   """Separable 5-tap binomial blur, reflect padding: `[n, H, W, ch]` -> same shape."""
   n, h, w, ch = images.shape
   x = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect" if min(h, w) > 2 else "edge")
@@ -90,19 +93,19 @@ def blur(images):
   return sum(k[i] * x[:, :, i : i + w] for i in range(5))  # [n, H, W, ch]
 
 
-def downsample(images):
+def downsample(images: jax.typing.ArrayLike) -> jax.Array:
   """Blur then keep every second pixel: `[n, H, W, ch]` -> `[n, ceil(H/2), ceil(W/2), ch]`."""
   return blur(images)[:, ::2, ::2]
 
 
-def upsample(images, size):
+def upsample(images: jax.typing.ArrayLike, size: tuple[int, int]) -> jax.Array:
   """Bilinear resize to `size=(H, W)`: `[n, h, w, ch]` -> `[n, H, W, ch]`."""
   return jax.image.resize(
     images, (images.shape[0],) + tuple(size) + images.shape[3:], method="bilinear"
   )
 
 
-def laplacian_pyramid(images, levels: int):
+def laplacian_pyramid(images: jax.typing.ArrayLike, levels: int) -> list[jax.Array]:
   """`levels` band-pass images (finest first) and the low-pass residual.
 
   Returns a list of `levels + 1` arrays, level k of shape `[n, H/2^k, W/2^k, ch]`;
@@ -116,12 +119,14 @@ def laplacian_pyramid(images, levels: int):
   return pyramid + [x]
 
 
-def pixel_loss(reconstruction, target):
+def pixel_loss(reconstruction: jax.typing.ArrayLike, target: jax.typing.ArrayLike) -> jax.Array:
   """Mean squared error per image: `[n, H, W, ch]` x2 -> `[n]`."""
   return jnp.mean(jnp.square(reconstruction - target), axis=(1, 2, 3))
 
 
-def pyramid_loss(reconstruction, target, levels: int = 3):
+def pyramid_loss(
+  reconstruction: jax.typing.ArrayLike, target: jax.typing.ArrayLike, levels: int = 3
+) -> jax.Array:
   """Laplacian-pyramid L1 per image (Lap1): `sum_k 2^-k mean |L_k(x) - L_k(y)|` -> `[n]`.
 
   Level k weighs `2^-k` (Bojanowski et al. 2018 use `2^(-2k)` on sums; on means
@@ -167,7 +172,7 @@ def _resize_matrix(m_in: int, m_out: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def _pyramid_matrices(h: int, w: int, levels: int):
+def _pyramid_matrices(h: int, w: int, levels: int) -> tuple[np.ndarray, np.ndarray, tuple]:
   """`(rows [2, r_h, h], cols [2, r_w, w], sizes)` with every band of `laplacian_pyramid`:
   band k of `d [h, w]` is `A_k d A'_k^T - B_k d B'_k^T`, rows = `[stack A_k, stack B_k]`,
   cols = `[stack A'_k, -stack B'_k]`; `sizes` the `(h_k, w_k)` of the levels."""
@@ -195,7 +200,7 @@ def _pyramid_matrices(h: int, w: int, levels: int):
   return rows.astype(np.float32), cols.astype(np.float32), tuple(sizes)
 
 
-def _matrix_pyramid_loss(diff, levels: int):
+def _matrix_pyramid_loss(diff: jax.Array, levels: int) -> jax.Array:
   """`pyramid_loss` of the difference `diff [n, H, W, ch]` by `_pyramid_matrices`: `[n]`.
 
   All `(level, level')` blocks `[n, r_h, r_w, ch]` in two contractions; the loss
@@ -218,14 +223,20 @@ def _matrix_pyramid_loss(diff, levels: int):
   return jnp.einsum("nstc,st->n", jnp.abs(x), jnp.asarray(weight, diff.dtype), precision=precision)
 
 
-def _structure_loss(reconstruction, target, levels: int):
+def _structure_loss(reconstruction: jax.Array, target: jax.Array, levels: int) -> jax.Array:
   """`pyramid_loss`, by `_matrix_pyramid_loss` for images up to 128 pixels a side."""
   if max(reconstruction.shape[1:3]) <= _MATRIX_PYRAMID_MAX_SIZE:
     return _matrix_pyramid_loss(reconstruction - target, levels)
   return pyramid_loss(reconstruction, target, levels)
 
 
-def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0, levels: int = 3):
+def reconstruction_loss(
+  reconstruction: jax.typing.ArrayLike,
+  target: jax.typing.ArrayLike,
+  *,
+  structure_weight: float = 1.0,
+  levels: int = 3,
+) -> jax.Array:
   """`pixel_loss + structure_weight * pyramid_loss` per image: `[n]`."""
   loss = pixel_loss(reconstruction, target)
   if structure_weight:
@@ -234,7 +245,9 @@ def reconstruction_loss(reconstruction, target, *, structure_weight: float = 1.0
 
 
 @jax.jit
-def psnr(reconstruction, target, data_range: float = 2.0):
+def psnr(
+  reconstruction: jax.typing.ArrayLike, target: jax.typing.ArrayLike, data_range: float = 2.0
+) -> jax.Array:
   """Peak signal-to-noise ratio per image in dB (`data_range` 2 for images in [-1, 1]): `[n]`."""
   mse = pixel_loss(jnp.asarray(reconstruction, jnp.float32), jnp.asarray(target, jnp.float32))
   return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-12))
@@ -243,7 +256,7 @@ def psnr(reconstruction, target, data_range: float = 2.0):
 # ----------------------------------------------------------------------------- checks
 
 
-def image_shape(gen) -> tuple:
+def image_shape(gen: Generator) -> tuple[int, int, int]:
   """`(H, W, ch)` the images of `gen` have on their compared channels.
 
   `ch` is `gen.config["source"]["rgb_channels"]` when the generator emits
@@ -259,7 +272,7 @@ def image_shape(gen) -> tuple:
   return tuple(out.shape[1:3]) + (ch,)
 
 
-def check_images(gen, images) -> jax.Array:
+def check_images(gen: Generator, images: jax.typing.ArrayLike) -> jax.Array:
   """`images` as float32 `[n, H, W, ch]` for `gen`, or a `ValueError` naming the problem."""
   images = np.asarray(images)
   want = image_shape(gen)
@@ -290,7 +303,7 @@ def check_images(gen, images) -> jax.Array:
 # ----------------------------------------------------------------------------- optimisation
 
 
-def mean_latents(gen, key, num_draws: int = 256):
+def mean_latents(gen: Generator, key: jax.Array, num_draws: int = 256) -> Any:
   """The mean latents of `num_draws` random z (classes: the uniform mix), leading axis 1.
 
   For StyleGANs this is (about) `w_avg` broadcast over the layers, for DCGAN /
@@ -301,20 +314,20 @@ def mean_latents(gen, key, num_draws: int = 256):
   c = None if gen.c_dim == 0 else jnp.full((num_draws, gen.c_dim), 1.0 / gen.c_dim)
   lat = gen.latents(z, c)
 
-  def mean(leaf):
+  def mean(leaf: jax.typing.ArrayLike) -> jax.Array:
     leaf = jnp.asarray(leaf)
     return jnp.mean(leaf, 0, keepdims=True) if leaf.ndim and leaf.shape[0] == num_draws else leaf
 
   return jax.tree.map(mean, lat)
 
 
-def _per_sample(leaf, n: int) -> bool:
+def _per_sample(leaf: Any, n: int) -> bool:
   """Whether a leaf (array, tracer or `jax.ShapeDtypeStruct`) is a per-sample float `[n, ...]`."""
   leaf = leaf if hasattr(leaf, "shape") else np.asarray(leaf)
   return len(leaf.shape) >= 1 and leaf.shape[0] == n and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
-def _free_and_fixed(latents, n: int):
+def _free_and_fixed(latents: Any, n: int) -> tuple[list, list, tuple]:
   """Splits the latents pytree into the optimised leaves (per-sample float) and the rest."""
   leaves, treedef = jax.tree.flatten(latents)
   mask = [_per_sample(l, n) for l in leaves]
@@ -323,14 +336,14 @@ def _free_and_fixed(latents, n: int):
   return free, fixed, (treedef, tuple(mask))
 
 
-def _merge(free, fixed, structure):
+def _merge(free: list, fixed: list, structure: tuple) -> Any:
   treedef, mask = structure
   free, fixed = list(free), list(fixed)
   leaves = [free.pop(0) if m else fixed.pop(0) for m in mask]
   return jax.tree.unflatten(treedef, leaves)
 
 
-def _gen_key(gen):
+def _gen_key(gen: Generator) -> tuple[type, str]:
   """What fixes a generator's program apart from its parameters (passed as arguments)."""
   return type(gen), json.dumps(gen.config, sort_keys=True, default=str)
 
@@ -341,7 +354,7 @@ class _Plan(NamedTuple):
   gen_key: Any
   structure: Any
   tie: tuple  # per free leaf: broadcast [n, d] over axis 1 to this many layers (0: no)
-  layer: Optional[int]
+  layer: int | None
   channels: int
   structure_weight: float
   feature_structure_weight: float
@@ -361,10 +374,10 @@ class _Spec(NamedTuple):
   gen: Any
   plan: _Plan
 
-  def __hash__(self):
+  def __hash__(self) -> int:
     return hash(self.plan)
 
-  def __eq__(self, other):
+  def __eq__(self, other: object) -> bool:
     return isinstance(other, _Spec) and self.plan == other.plan
 
 
@@ -397,14 +410,25 @@ class _State(NamedTuple):
 _LATENT, _FEATURE, _EVALUATE, _SKIP = 0, 1, 2, 3
 
 
-def _expand(free, tie):
+def _expand(free: list, tie: tuple) -> list:
   return [
     jnp.broadcast_to(v[:, None], (v.shape[0], t) + v.shape[1:]) if t else v
     for v, t in zip(free, tie)
   ]
 
 
-def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target, gen, plan: _Plan):
+def _image_and_loss(
+  free: list,
+  delta: Any,
+  stored: Any,
+  refresh: jax.Array,
+  weight: jax.Array,
+  fixed: list,
+  params: Any,
+  target: jax.Array,
+  gen: Generator,
+  plan: _Plan,
+) -> tuple[jax.Array, tuple[jax.Array, Any]]:
   """The summed loss of one evaluation, with `(image [n, H, W, ch], base)` as aux.
 
   With `layer`, the image is `gen.resume(x + delta, carry, latents, layer)` where
@@ -428,13 +452,20 @@ def _image_and_loss(free, delta, stored, refresh, weight, fixed, params, target,
   return jnp.sum(loss), (out, base)
 
 
-def _step(state: _State, xs, fixed, params, target, spec: _Spec):
+def _step(
+  state: _State,
+  xs: tuple[jax.Array, jax.Array],
+  fixed: list,
+  params: Any,
+  target: jax.Array,
+  spec: _Spec,
+) -> tuple[_State, jax.Array]:
   """One step: evaluate at `state`, then update the latents (`_LATENT`), the features
   (`_FEATURE`) or nothing (`_EVALUATE`); `_SKIP` pads a chunk. Returns `(state, loss)`."""
   mode, refresh = xs
   plan = spec.plan
 
-  def run(state):
+  def run(state: _State) -> tuple[_State, jax.Array]:
     weight = jnp.where(mode == _FEATURE, plan.feature_structure_weight, plan.structure_weight)
     (loss, (image, base)), (g_free, g_delta) = jax.value_and_grad(
       _image_and_loss, argnums=(0, 1), has_aux=True
@@ -460,7 +491,16 @@ def _step(state: _State, xs, fixed, params, target, spec: _Spec):
   return jax.lax.cond(mode == _SKIP, lambda s: (s, jnp.zeros((), jnp.float32)), run, state)
 
 
-def _chunk(state: _State, modes, refresh, fixed, params, target, *, spec: _Spec):
+def _chunk(
+  state: _State,
+  modes: jax.Array,
+  refresh: jax.Array,
+  fixed: list,
+  params: Any,
+  target: jax.Array,
+  *,
+  spec: _Spec,
+) -> tuple[_State, jax.Array, Any, jax.Array | None]:
   """`len(modes)` steps of `_step` in one `lax.scan`: the one program of an inversion.
 
   modes, refresh: `[chunk]` int32 / bool. Returns `(state, losses [chunk], latents,
@@ -475,7 +515,9 @@ def _chunk(state: _State, modes, refresh, fixed, params, target, *, spec: _Spec)
   return state, losses, latents, features
 
 
-def _begin(key, init, params, target, *, spec: _Spec):
+def _begin(
+  key: jax.Array, init: Any, params: Any, target: jax.Array, *, spec: _Spec
+) -> tuple[_State, list]:
   """The first `_State` and the fixed latent leaves: the starting latents (`init`,
   or `mean_latents` of `split(key)[0]` when None; with `num_starts > 1` the best of
   them and `num_starts - 1` random latents per image), the optimisers' states, zeros."""
@@ -506,7 +548,7 @@ def _begin(key, init, params, target, *, spec: _Spec):
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(fn, backend: str, options: tuple):
+def _jitted(fn: Callable[..., Any], backend: str, options: tuple) -> Callable[..., Any]:
   """`fn` under `jit` (static `spec`), compiled with `options` on the CPU backend."""
   return jax.jit(
     fn,
@@ -515,11 +557,13 @@ def _jitted(fn, backend: str, options: tuple):
   )
 
 
-def _compiled(fn):
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
   return _jitted(fn, jax.default_backend(), tuple(sorted(CPU_COMPILER_OPTIONS.items())))
 
 
-def _schedule(steps: int, feature_steps: int, features: bool, chunk: int):
+def _schedule(
+  steps: int, feature_steps: int, features: bool, chunk: int
+) -> tuple[np.ndarray, np.ndarray]:
   """`(modes, refresh)` `[k * chunk]`: `steps` latent steps, `feature_steps` feature
   steps (the first takes the features of the final latents), one evaluation of the
   result, then `_SKIP` up to a whole number of chunks."""
@@ -538,21 +582,21 @@ def _schedule(steps: int, feature_steps: int, features: bool, chunk: int):
 
 
 def invert(
-  gen,
-  images,
+  gen: Generator,
+  images: jax.typing.ArrayLike,
   *,
-  key,
+  key: jax.Array,
   steps: int = 300,
-  optimizer=None,
-  layer: Optional[int] = None,
+  optimizer: optax.GradientTransformation | None = None,
+  layer: int | None = None,
   feature_steps: int = 0,
-  feature_optimizer=None,
+  feature_optimizer: optax.GradientTransformation | None = None,
   tie_layers: bool = False,
   structure_weight: float = 1.0,
   feature_structure_weight: float = 0.0,
   levels: int = 3,
   num_starts: int = 1,
-  init=None,
+  init: Any = None,
   chunk_size: int = 50,
   progress: bool = True,
 ) -> Inversion:
@@ -664,11 +708,19 @@ def invert(
   )
 
 
-def _best_start(gen, free, fixed, target, plan, key, num_starts):
+def _best_start(
+  gen: Generator,
+  free: list,
+  fixed: list,
+  target: jax.Array,
+  plan: _Plan,
+  key: jax.Array,
+  num_starts: int,
+) -> list:
   """Per image, the start (the given one or a random latent) with the lowest loss."""
   n = target.shape[0]
 
-  def loss_of(cand):
+  def loss_of(cand: list) -> jax.Array:
     lat = _merge(_expand(cand, plan.tie), fixed, plan.structure)
     return reconstruction_loss(
       gen.generate(lat)[..., : plan.channels],

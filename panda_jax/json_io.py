@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 import jax
 import numpy as np
 
 
-def jsonable(value):
+def jsonable(value: Any) -> Any:
   """Arrays -> lists, numpy scalars -> Python, non-finite floats -> None (recursively)."""
   if isinstance(value, dict):
     return {str(k): jsonable(v) for k, v in value.items()}
@@ -29,7 +30,7 @@ def jsonable(value):
   return value
 
 
-def write_json(path: str, value, *, sort_keys: bool = False, newline: bool = False) -> str:
+def write_json(path: str, value: Any, *, sort_keys: bool = False, newline: bool = False) -> str:
   """Writes `value` as JSON (indent 1, no NaN) atomically; creates the directory; returns the path.
 
   `newline` ends the file with one. NaN or infinity raise ValueError (pass the

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from panda_jax import checks
 
 
-def roir_per_sample(originals, edits, masks):
+def roir_per_sample(
+  originals: jax.typing.ArrayLike, edits: jax.typing.ArrayLike, masks: jax.typing.ArrayLike
+) -> jax.Array:
   """Per-sample ratio `||(1 - M) * (X_i - X'_i)|| / ||M * (X_i - X'_i)||`.
 
   The summand of Eq. (13), with Frobenius norms over `[H, W, ch]` and the
@@ -43,7 +46,9 @@ def roir_per_sample(originals, edits, masks):
   return jnp.sqrt(outside) / jnp.sqrt(inside)
 
 
-def masked_norms(originals, edits, masks):
+def masked_norms(
+  originals: jax.typing.ArrayLike, edits: jax.typing.ArrayLike, masks: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
   """The two norms of Eq. (13), squared: `(||M * (X - X')||^2, ||(1 - M) * (X - X')||^2)`.
 
   Args:
@@ -61,7 +66,9 @@ def masked_norms(originals, edits, masks):
   return inside, outside
 
 
-def roir(originals, edits, masks):
+def roir(
+  originals: jax.typing.ArrayLike, edits: jax.typing.ArrayLike, masks: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
   """ROIR (Eq. 13): mean and standard deviation over samples of the ratios.
 
   See `roir_per_sample`. The standard deviation is the population one

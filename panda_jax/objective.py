@@ -53,7 +53,7 @@ import jax.numpy as jnp
 from panda_jax import checks
 
 
-def unfold(features) -> jax.Array:
+def unfold(features: jax.typing.ArrayLike) -> jax.Array:
   """`[n, s, c]` or `[n, h, w, c]` features -> `[n, c, s]` mode-3 unfoldings."""
   z, _ = checks.flatten_features(features)
   return jnp.swapaxes(z, 1, 2)
@@ -71,27 +71,29 @@ class Unfolded(NamedTuple):
   z: jax.Array
 
 
-def unfolded(features) -> Unfolded:
+def unfolded(features: jax.typing.ArrayLike) -> Unfolded:
   """`[n, s, c]` or `[n, h, w, c]` features -> `Unfolded` (`[n, c, s]`)."""
   return Unfolded(unfold(features))
 
 
-def batch_z(features) -> jax.Array:
+def batch_z(features: jax.typing.ArrayLike | Unfolded) -> jax.Array:
   """`[n, c, s]` from channels-last features or an `Unfolded` batch."""
   return features.z if isinstance(features, Unfolded) else unfold(features)
 
 
-def sum_samples(x, axis_name=None):
+def sum_samples(x: jax.Array, axis_name: str | None = None) -> jax.Array:
   """Completes a sum over samples: `psum` over `axis_name` (each device holds a shard), or `x`."""
   return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def check_batch(z: jax.Array, appearances, parts=None) -> None:
+def check_batch(
+  z: jax.Array, appearances: jax.typing.ArrayLike, parts: jax.typing.ArrayLike | None = None
+) -> None:
   """Shapes of `z` `[n, c, s]` against `A` `[c, r_c]` and `P` `[s, r_s]` (static: works under jit)."""
   checks.check_factors((z.shape[0], z.shape[2], z.shape[1]), appearances, parts)
 
 
-def orthogonality_error(appearances) -> float:
+def orthogonality_error(appearances: jax.typing.ArrayLike) -> float:
   """`max |A^T A - I|` of appearances `[c, r_c]` (an `[r_c, r_c]` product, once).
 
   `saliency`, `rewrite` and `refine` read `A^T Z_i` as coordinates in an
@@ -128,7 +130,9 @@ def decode(lam: jax.Array, appearances: jax.Array) -> jax.Array:
   return jnp.einsum("cr,nrq->ncq", appearances, lam)
 
 
-def loss_from_projection(sq_norm, zp, appearances, parts) -> jax.Array:
+def loss_from_projection(
+  sq_norm: jax.typing.ArrayLike, zp: jax.Array, appearances: jax.Array, parts: jax.Array
+) -> jax.Array:
   """Eq. (3) in the expanded form above, from `M_i = Z_i P` (`[n, c, r_s]`).
 
   `tr(Lambda_i^T G_A Lambda_i G_P) = <B_i, B_i G_P>` with `B_i = A Lambda_i`,
@@ -143,7 +147,14 @@ def loss_from_projection(sq_norm, zp, appearances, parts) -> jax.Array:
   return sq_norm - 2.0 * jnp.vdot(lam, lam) + fit_term
 
 
-def loss_change(lam, decoded, d_lam, d_decoded, gram_p, d_gram_p=None) -> jax.Array:
+def loss_change(
+  lam: jax.Array,
+  decoded: jax.Array,
+  d_lam: jax.Array,
+  d_decoded: jax.Array,
+  gram_p: jax.Array,
+  d_gram_p: jax.Array | None = None,
+) -> jax.Array:
   """Exact change of Eq. (3) when `Lambda -> Lambda + dLambda`, `B -> B + dB`, `G_P -> G_P + dG`.
 
   Every term is a product with a change, so the result is accurate relative to
@@ -162,7 +173,13 @@ def loss_change(lam, decoded, d_lam, d_decoded, gram_p, d_gram_p=None) -> jax.Ar
   return change
 
 
-def loss(features, appearances, parts, *, axis_name=None) -> jax.Array:
+def loss(
+  features: jax.typing.ArrayLike | Unfolded,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  *,
+  axis_name: str | None = None,
+) -> jax.Array:
   """Eq. (3): `sum_i ||Z_i - A (A^T Z_i P) P^T||_F^2`, summed over the batch (jitted).
 
   Args:
@@ -183,7 +200,9 @@ def loss(features, appearances, parts, *, axis_name=None) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
-def _residual_loss(z, appearances, parts, axis_name):
+def _residual_loss(
+  z: jax.Array, appearances: jax.Array, parts: jax.Array, axis_name: str | None
+) -> jax.Array:
   n, c, s = z.shape
   decoded = decode(coefficients(project_parts(z, parts), appearances), appearances)
   recon = jnp.reshape(jnp.reshape(decoded, (n * c, -1)) @ parts.T, (n, c, s))
@@ -191,7 +210,9 @@ def _residual_loss(z, appearances, parts, axis_name):
   return sum_samples(jnp.vdot(residual, residual).real, axis_name)
 
 
-def parts_gradient(z, zp, appearances, parts) -> jax.Array:
+def parts_gradient(
+  z: jax.Array, zp: jax.Array, appearances: jax.Array, parts: jax.Array
+) -> jax.Array:
   """Eq. (4) reordered: `dL/dP`, `[s, r_s]`, from `z` `[n, c, s]` and `zp = Z P`.
 
   `dP = 2 [P sum_i B_i^T B_i + sum_i Z_i^T D_i]`, `D_i = A (A^T B_i) G_P - 2 B_i`.
@@ -204,7 +225,7 @@ def parts_gradient(z, zp, appearances, parts) -> jax.Array:
   return 2.0 * (parts @ outer + ztd)
 
 
-def appearances_gradient(zp, appearances, parts) -> jax.Array:
+def appearances_gradient(zp: jax.Array, appearances: jax.Array, parts: jax.Array) -> jax.Array:
   """Eq. (5) reordered: `dL/dA`, `[c, r_c]`, from `zp = Z P` only (no pass over Z).
 
   `dA = 2 sum_i [B_i G_P Lambda_i^T + M_i G_P (A^T B_i)^T - 2 M_i Lambda_i^T]`.
@@ -220,7 +241,13 @@ def appearances_gradient(zp, appearances, parts) -> jax.Array:
   )
 
 
-def gradients(features, appearances, parts, *, axis_name=None):
+def gradients(
+  features: jax.typing.ArrayLike | Unfolded,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  *,
+  axis_name: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Both block gradients of Eq. (3) at `(A, P)`: `(dL/dA [c, r_c], dL/dP [s, r_s])` (jitted).
 
   `features` as in `loss`; with `axis_name`, both are summed over every device's samples.
@@ -231,7 +258,9 @@ def gradients(features, appearances, parts, *, axis_name=None):
 
 
 @functools.partial(jax.jit, static_argnames=("axis_name",))
-def _gradients(z, appearances, parts, axis_name):
+def _gradients(
+  z: jax.Array, appearances: jax.Array, parts: jax.Array, axis_name: str | None
+) -> tuple[jax.Array, jax.Array]:
   zp = project_parts(z, parts)
   return (
     sum_samples(appearances_gradient(zp, appearances, parts), axis_name),

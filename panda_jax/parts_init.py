@@ -26,16 +26,18 @@ from panda_jax import objective
 Reduce = Callable[[jax.Array], jax.Array]
 
 
-def _no_reduce(x):
+def _no_reduce(x: jax.Array) -> jax.Array:
   return x
 
 
-def uniform(key, num_positions: int, rank_s: int, scale: float = 0.01) -> jax.Array:
+def uniform(key: jax.Array, num_positions: int, rank_s: int, scale: float = 0.01) -> jax.Array:
   """The paper's start, `U(0, scale)`, `[s, r_s]`."""
   return jax.random.uniform(key, (num_positions, rank_s), maxval=scale)
 
 
-def apply_affinity(z, appearances, q, reduce: Reduce = _no_reduce) -> jax.Array:
+def apply_affinity(
+  z: jax.Array, appearances: jax.Array, q: jax.Array, reduce: Reduce = _no_reduce
+) -> jax.Array:
   """`W q = sum_i Z_i^T A A^T Z_i q` for `q` `[s, k]`, without forming `W` `[s, s]`."""
   zq = objective.project_parts(z, q)  # [n, c, k]
   back = jnp.einsum("cr,dr,ndk->nck", appearances, appearances, zq)  # A A^T Z_i q
@@ -43,7 +45,12 @@ def apply_affinity(z, appearances, q, reduce: Reduce = _no_reduce) -> jax.Array:
 
 
 def position_embedding(
-  z, appearances, dim: int, key, iterations: int = 12, reduce: Reduce = _no_reduce
+  z: jax.Array,
+  appearances: jax.Array,
+  dim: int,
+  key: jax.Array,
+  iterations: int = 12,
+  reduce: Reduce = _no_reduce,
 ) -> jax.Array:
   """Rows of `Q diag(sqrt(eig))` for the top-`dim` eigenpairs of `W`: `[s, dim]`.
 
@@ -53,7 +60,7 @@ def position_embedding(
   s = z.shape[2]
   q = jax.random.normal(key, (s, dim), z.dtype)
 
-  def power(q, _):
+  def power(q: jax.Array, _: None) -> tuple[jax.Array, None]:
     q, _ = jnp.linalg.qr(apply_affinity(z, appearances, q, reduce))
     return q, None
 
@@ -63,12 +70,14 @@ def position_embedding(
   return (q @ vectors) * jnp.sqrt(jnp.maximum(values, 0.0))
 
 
-def _sq_distances(points, centres):
+def _sq_distances(points: jax.Array, centres: jax.Array) -> jax.Array:
   """`[s, k]` squared Euclidean distances."""
   return jnp.sum(points**2, 1)[:, None] - 2.0 * points @ centres.T + jnp.sum(centres**2, 1)[None, :]
 
 
-def _kmeans_pp(key, points, k: int, weights=None):
+def _kmeans_pp(
+  key: jax.Array, points: jax.Array, k: int, weights: jax.Array | None = None
+) -> jax.Array:
   """k-means++ seeding: `[k, d]` centres drawn with probability ~ w(x) D(x)^2."""
   keys = jax.random.split(key, k)
   if weights is None:
@@ -80,7 +89,9 @@ def _kmeans_pp(key, points, k: int, weights=None):
   if weights is not None:
     nearest = nearest * weights
 
-  def pick(carry, i):
+  def pick(
+    carry: tuple[jax.Array, jax.Array], i: jax.Array
+  ) -> tuple[tuple[jax.Array, jax.Array], None]:
     centres, nearest = carry
     logits = jnp.log(jnp.maximum(nearest, 1e-30))
     centre = points[jax.random.categorical(keys[i], logits)]
@@ -92,7 +103,14 @@ def _kmeans_pp(key, points, k: int, weights=None):
   return centres
 
 
-def _lloyd(points, centres, iterations: int, *, weights=None, reduce: Reduce = _no_reduce):
+def _lloyd(
+  points: jax.Array,
+  centres: jax.Array,
+  iterations: int,
+  *,
+  weights: jax.Array | None = None,
+  reduce: Reduce = _no_reduce,
+) -> tuple[jax.Array, jax.Array]:
   """Lloyd iterations: `(labels [m], inertia)`, sums over every shard by `reduce`.
 
   `weights` `[m]` (default ones) weight each point in the means and the inertia.
@@ -103,7 +121,7 @@ def _lloyd(points, centres, iterations: int, *, weights=None, reduce: Reduce = _
   k = centres.shape[0]
   weights = jnp.ones(points.shape[:1], points.dtype) if weights is None else weights
 
-  def body(centres, _):
+  def body(centres: jax.Array, _: None) -> tuple[jax.Array, None]:
     dist = _sq_distances(points, centres)
     one_hot = jax.nn.one_hot(jnp.argmin(dist, 1), k, dtype=points.dtype) * weights[:, None]
     counts = reduce(one_hot.sum(0))
@@ -120,9 +138,9 @@ def _lloyd(points, centres, iterations: int, *, weights=None, reduce: Reduce = _
 
 
 def kmeans(
-  key,
-  z,
-  appearances,
+  key: jax.Array,
+  z: jax.Array,
+  appearances: jax.Array,
   rank_s: int,
   *,
   restarts: int = 8,
@@ -147,7 +165,7 @@ def kmeans(
   embed_key, seed_key = jax.random.split(key)
   points = position_embedding(z, appearances, dim, embed_key, reduce=reduce)
 
-  def run(key):
+  def run(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _lloyd(points, _kmeans_pp(key, points, rank_s), iterations)
 
   labels, inertia = jax.vmap(run)(jax.random.split(seed_key, restarts))
@@ -157,8 +175,8 @@ def kmeans(
 
 
 def fibres(
-  key,
-  z,
+  key: jax.Array,
+  z: jax.Array,
   rank_s: int,
   *,
   restarts: int = 4,
@@ -198,7 +216,7 @@ def fibres(
   seed_weights = gather(weights[::stride])
   seed_key, _ = jax.random.split(key)
 
-  def run(key):
+  def run(key: jax.Array) -> tuple[jax.Array, jax.Array]:
     centres = _kmeans_pp(key, seeds, rank_s, weights=seed_weights)
     return _lloyd(points, centres, iterations, weights=weights, reduce=reduce)
 

@@ -44,8 +44,8 @@ def backtracking_step(
   step_size: jax.Array,
   project: Callable[[jax.Array], jax.Array],
   search: LineSearch = LineSearch(),
-  slack=0.0,
-):
+  slack: jax.typing.ArrayLike = 0.0,
+) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
   """One projected gradient step `x+ = project(x - t g)` with backtracking on `t`.
 
   Args:
@@ -62,18 +62,18 @@ def backtracking_step(
     decreased `f` sufficiently.
   """
 
-  def trial(t):
+  def trial(t: jax.Array) -> tuple[jax.Array, jax.Array, Any, jax.Array, jax.Array]:
     candidate = project(x - t * grad)
     delta = candidate - x
     new_value, new_aux = objective(candidate)
     bound = value + jnp.vdot(grad, delta) + jnp.vdot(delta, delta) / (2.0 * t)
     return candidate, new_value, new_aux, new_value <= bound, new_value <= bound + slack
 
-  def cond(carry):
+  def cond(carry: tuple) -> jax.Array:
     _, _, _, _, _, at_floor, tries = carry
     return jnp.logical_and(jnp.logical_not(at_floor), tries < search.max_tries)
 
-  def body(carry):
+  def body(carry: tuple) -> tuple:
     t, _, _, _, _, _, tries = carry
     t = t * search.shrink
     return (t, *trial(t), tries + 1)

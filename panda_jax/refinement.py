@@ -68,7 +68,7 @@ up to 0.02 on aligned samples and recovers nothing rolled.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,7 +99,9 @@ def _knn(x: jax.Array, k: int, block: int = 256) -> jax.Array:
   s = x.shape[0]
   sq = jnp.sum(x * x, axis=1)
 
-  def row(args):  # lax.map vmaps this over `block` rows at a time: [block, s] distances.
+  def row(
+    args: tuple[jax.Array, jax.Array],
+  ) -> jax.Array:  # lax.map vmaps this over `block` rows at a time: [block, s] distances.
     xj, j = args
     dist = sq - 2.0 * x @ xj  # |x_j|^2 is constant along the row.
     return jax.lax.top_k(-jnp.where(jnp.arange(s) == j, jnp.inf, dist), k)[1]
@@ -134,14 +136,16 @@ def graph_matvec(graph: Graph, p: jax.Array) -> jax.Array:
   return jnp.einsum("sk,skr->sr", graph.weights, p[graph.neighbours])
 
 
-def _objective(matvec, p):
+def _objective(
+  matvec: Callable[[jax.Array], jax.Array], p: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Eq. (10) and `W P~`, `(value, wp)`."""
   wp = matvec(p)
   ptwp = p.T @ wp
   return -2.0 * jnp.trace(ptwp) + jnp.vdot(ptwp, p.T @ p), wp
 
 
-def _gradient(p, wp):
+def _gradient(p: jax.Array, wp: jax.Array) -> jax.Array:
   """Eq. (11) (Eq. 12 when `wp` comes from the low-rank form)."""
   return 2.0 * p @ (p.T @ wp) + 2.0 * wp @ (p.T @ p) - 4.0 * wp
 
@@ -163,7 +167,9 @@ def translation_values(x: jax.Array, parts: jax.Array, grid: tuple[int, int]) ->
   fx = jnp.fft.rfft2(x.reshape(h, w, -1), axes=(0, 1))  # [h, w', r_c]
   fp = jnp.conj(jnp.fft.rfft2(parts.reshape(h, w, r_s), axes=(0, 1)))  # [h, w', r_s]
 
-  def add_channel(yty, fx_r):  # One appearance r: Y_d[r, :] for every d, [h, w, r_s].
+  def add_channel(
+    yty: jax.Array, fx_r: jax.Array
+  ) -> tuple[jax.Array, None]:  # One appearance r: Y_d[r, :] for every d, [h, w, r_s].
     y = jnp.fft.irfft2(fx_r[:, :, None] * fp, s=(h, w), axes=(0, 1))
     return yty + y[..., :, None] * y[..., None, :], None
 
@@ -173,12 +179,14 @@ def translation_values(x: jax.Array, parts: jax.Array, grid: tuple[int, int]) ->
   return jnp.einsum("hwkl,kl->hw", yty, parts.T @ parts - 2.0 * jnp.eye(r_s, dtype=x.dtype))
 
 
-def _roll(parts, shift, grid):
+def _roll(parts: jax.Array, shift: jax.Array, grid: tuple[int, int]) -> jax.Array:
   h, w = grid
   return jnp.roll(parts.reshape(h, w, -1), (shift[0], shift[1]), axis=(0, 1)).reshape(h * w, -1)
 
 
-def _register_one(x, parts, grid, min_gain: float):
+def _register_one(
+  x: jax.Array, parts: jax.Array, grid: tuple[int, int], min_gain: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """`(roll(P, d_i) [s, r_s], d_i [2])`: the translation minimising Eq. (10), or
   none when it lowers `E = ||X||^2 + L_G` by less than `min_gain E(0)`."""
   values = translation_values(x, parts, grid).ravel()  # [h w], L_G(d)
@@ -190,8 +198,14 @@ def _register_one(x, parts, grid, min_gain: float):
 
 
 def _descend(
-  matvec, p, x, steps, step_size: Optional[float], search: pgd.LineSearch, tol: Optional[float]
-):
+  matvec: Callable[[jax.Array], jax.Array],
+  p: jax.Array,
+  x: jax.Array,
+  steps: jax.Array,
+  step_size: float | None,
+  search: pgd.LineSearch,
+  tol: float | None,
+) -> jax.Array:
   """Projected gradient descent on Eq. (10): `steps` steps, fewer when the
   relative decrease of one step falls below `tol` (never, when None)."""
   value, wp = _objective(matvec, p)
@@ -208,11 +222,11 @@ def _descend(
     t0 = jnp.asarray(step_size, x.dtype)
   slack = 8.0 * jnp.finfo(x.dtype).eps * jnp.sum(x * x)
 
-  def cond(carry):
+  def cond(carry: tuple) -> jax.Array:
     i, _, _, _, _, moving = carry
     return jnp.logical_and(i < steps, moving)
 
-  def body(carry):
+  def body(carry: tuple) -> tuple:
     i, p, value, wp, t, _ = carry
     grad = _gradient(p, wp)
     if step_size is None:
@@ -231,7 +245,19 @@ def _descend(
   return p
 
 
-def _refine_one(x, parts, *, method, grid, k, steps, step_size, search, tol, min_gain):
+def _refine_one(
+  x: jax.Array,
+  parts: jax.Array,
+  *,
+  method: str,
+  grid: tuple[int, int] | None,
+  k: int | None,
+  steps: jax.Array,
+  step_size: float | None,
+  search: pgd.LineSearch,
+  tol: float | None,
+  min_gain: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """Refines one sample from `x` (`[s, r_c]`, fibres in the appearance basis)."""
   if method == "register":
     parts, shift = _register_one(x, parts, grid, min_gain)
@@ -245,16 +271,23 @@ def _refine_one(x, parts, *, method, grid, k, steps, step_size, search, tol, min
   return _descend(matvec, parts, x, steps, step_size, search, tol), shift
 
 
-def _refine_batch(z, appearances, parts, steps, **options):
+def _refine_batch(
+  z: jax.Array,
+  appearances: jax.Array,
+  parts: jax.Array,
+  steps: jax.Array,
+  min_gain: jax.Array,
+  **options: Any,
+) -> tuple[jax.Array, jax.Array]:
   x = jnp.einsum("nsc,cr->nsr", z, appearances)  # [n, s, r_c], fibres in the A basis.
-  return jax.vmap(lambda xi: _refine_one(xi, parts, steps=steps, **options))(x)
+  return jax.vmap(lambda xi: _refine_one(xi, parts, steps=steps, min_gain=min_gain, **options))(x)
 
 
-_STATIC = ("method", "grid", "k", "step_size", "search", "tol", "min_gain")  # `steps` is traced.
+_STATIC = ("method", "grid", "k", "step_size", "search", "tol")  # `steps`, `min_gain` are traced.
 _jit_refine = jax.jit(_refine_batch, static_argnames=_STATIC)
 
 
-def _grid(features_i, s: int, grid: Optional[Sequence[int]]) -> tuple[int, int]:
+def _grid(features_i: jax.Array, s: int, grid: Sequence[int] | None) -> tuple[int, int]:
   """The feature grid `(h, w)`: from `[n, h, w, c]` input, `grid`, or a square `s`."""
   if features_i.ndim == 4:
     inferred = tuple(features_i.shape[1:3])
@@ -275,19 +308,19 @@ def _grid(features_i, s: int, grid: Optional[Sequence[int]]) -> tuple[int, int]:
 
 
 def arguments(
-  features_i,
-  appearances,
-  parts,
+  features_i: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
   *,
-  method: Optional[str] = None,
-  k: Optional[int] = None,
-  steps: Optional[int] = None,
-  step_size: Optional[float] = None,
+  method: str | None = None,
+  k: int | None = None,
+  steps: int | None = None,
+  step_size: float | None = None,
   search: pgd.LineSearch = pgd.LineSearch(),
-  tol: Optional[float] = None,
-  grid: Optional[Sequence[int]] = None,
-  min_gain: Optional[float] = None,
-):
+  tol: float | None = None,
+  grid: Sequence[int] | None = None,
+  min_gain: float | None = None,
+) -> tuple[tuple[jax.Array, jax.Array, jax.Array, jax.Array], dict[str, Any], bool]:
   """`refine`'s checks (ValueError before any compilation) and the arguments of the
   jitted batch, `(args, static options, single)`: `_jit_refine(*args, **options)`."""
   if method is None:
@@ -350,7 +383,7 @@ def arguments(
   if checks.is_concrete(parts) and bool(jnp.any(parts < 0)):
     raise ValueError("parts must be non-negative (P >= 0)")
   return (
-    (z, appearances, parts, jnp.int32(steps)),
+    (z, appearances, parts, jnp.int32(steps), jnp.asarray(min_gain or 0.0, z.dtype)),
     dict(
       method=method,
       grid=grid,
@@ -358,13 +391,17 @@ def arguments(
       step_size=None if step_size is None else float(step_size),
       search=search,
       tol=None if tol is None else float(tol),
-      min_gain=None if min_gain is None else float(min_gain),
     ),
     single,
   )
 
 
-def compile_refine(features_i, appearances, parts, **options):
+def compile_refine(
+  features_i: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
+  **options: Any,
+) -> tuple[jax.stages.Compiled, tuple[jax.Array, jax.Array, jax.Array, jax.Array], dict[str, Any]]:
   """`refine` compiled ahead of time: `(compiled, arguments, static)`.
 
   `options` are `refine`'s keywords (not `return_shifts`); `compiled(*arguments)`
@@ -377,20 +414,20 @@ def compile_refine(features_i, appearances, parts, **options):
 
 
 def refine(
-  features_i,
-  appearances,
-  parts,
+  features_i: jax.typing.ArrayLike,
+  appearances: jax.typing.ArrayLike,
+  parts: jax.typing.ArrayLike,
   *,
-  method: Optional[str] = None,
-  k: Optional[int] = None,
-  steps: Optional[int] = None,
-  step_size: Optional[float] = None,
+  method: str | None = None,
+  k: int | None = None,
+  steps: int | None = None,
+  step_size: float | None = None,
   search: pgd.LineSearch = pgd.LineSearch(),
-  tol: Optional[float] = None,
-  grid: Optional[Sequence[int]] = None,
-  min_gain: Optional[float] = None,
+  tol: float | None = None,
+  grid: Sequence[int] | None = None,
+  min_gain: float | None = None,
   return_shifts: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
   """Per-sample parts `P~_i` (Section 4.2, Eqs. 10-12, Algorithm 2).
 
   `refine(z, A, P)` translates the global parts onto each sample where that

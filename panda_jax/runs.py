@@ -14,6 +14,7 @@ import json
 import os
 
 from panda_jax import checkpoint
+from panda_jax.state import Factors
 
 
 def read_record(path: str) -> dict:
@@ -25,7 +26,7 @@ def read_record(path: str) -> dict:
     return json.load(f)
 
 
-def load_decomposition(path: str):
+def load_decomposition(path: str) -> tuple[Factors, dict]:
   """`(factors, record)` of the decomposition at `path` (`pj.Factors`, its metrics.json).
 
   The record's `layer` is the layer the factors were learnt at.

@@ -6,7 +6,7 @@ A module of its own so that `decomposition` (which makes them) and `checkpoint`
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -19,10 +19,10 @@ class FitConfig(NamedTuple):
   """Static options of a run (hashable: part of the compiled program)."""
 
   method: str = "bcd"  # "bcd" (analytic Eqs. 4-5) or "autograd" (jax.grad + optax).
-  step_size: Optional[float] = None  # fixed lambda (paper) or None (adaptive, per block).
+  step_size: float | None = None  # fixed lambda (paper) or None (adaptive, per block).
   learning_rate: float = 1e-3  # autograd with the default optimizer: Adam's.
   search: pgd.LineSearch = pgd.LineSearch()
-  optimizer: Optional[optax.GradientTransformation] = None  # autograd; None: Adam(learning_rate).
+  optimizer: optax.GradientTransformation | None = None  # autograd; None: Adam(learning_rate).
 
 
 class FitState(NamedTuple):
@@ -76,5 +76,5 @@ class Factors(NamedTuple):
   step_size_appearances: float
   steps: int
   orthogonality_error: float  # max |A^T A - I| (`decomposition.ORTHOGONALITY_BOUND`)
-  layer: Optional[int] = None  # the generator layer of the features
-  generator: Optional[str] = None  # the generator (a converted directory or packaged name)
+  layer: int | None = None  # the generator layer of the features
+  generator: str | None = None  # the generator (a converted directory or packaged name)

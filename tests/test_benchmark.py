@@ -12,6 +12,7 @@ at most `8 x` that, relative to `||Z||^2`.
 """
 
 import concurrent.futures
+import json
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ import pytest
 
 import panda_jax as pj
 from experiments import benchmark
+from experiments.plumbing import options
 
 N, HW, C, RANK_C, STEPS = 2, 4, 16, 4, 5
 EPS = float(np.finfo(np.float32).eps)
@@ -138,3 +140,24 @@ def test_worker_rows_and_time_to_solution(torch_side, tmp_path):
   assert max(tts["max_rel_diff_final_vs_official"].values()) <= FACTOR_TOL * 2 / STEPS  # 2 steps.
   scale = float(np.sum(np.asarray(u.z, np.float64) ** 2))
   assert abs(tts["final_loss"]["jax_fixed"] - tts["target_loss"]) <= LOSS_TOL * 2 / STEPS * scale
+
+
+def test_run_quick_without_torch_writes_the_report(tmp_path, monkeypatch):
+  """`run(config)` from `SPEC`'s options (the command line's path): the quick grid and time to
+  solution, JAX rows only when torch is absent; the JSON written is the report returned."""
+  monkeypatch.setattr(benchmark, "_torch_side", lambda threads, one_thread: None)
+  peaks = {"gemm_gflops": 1.0, "copy_gbps": 1.0, "copy_threads": 1}  # Measured: a test above.
+  monkeypatch.setattr(benchmark, "machine_peaks", lambda repeats: peaks)
+  out = tmp_path / "b.json"
+  config = options.make_config(
+    benchmark.SPEC, out=str(out), quick=True, rounds=1, steps=1, tts_steps=3, tts_rounds=1
+  )
+  report = benchmark.run(config, log=lambda line: None)
+  assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+  assert report["torch"] is False and report["settings"]["steps"] == 1
+  (row,) = report["rows"]
+  assert (row["C"], row["H"], row["N"], row["rank_c"]) == (64, 8, 2, 16)  # The quick grid.
+  assert set(row["seconds_per_step"]) == set(benchmark.JAX_VARIANTS)
+  tts = report["time_to_solution"]
+  assert tts["features"] == [4, 16, 32] and tts["official_steps"] == 3
+  assert tts["target_from"] == "jax_fixed"

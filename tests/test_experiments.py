@@ -191,8 +191,8 @@ def test_default_layer_and_bad_generator(generator_dir):
 def test_every_launcher_is_listed_and_imports_next_to_the_others():
   """`experiments.LAUNCHERS` names every launcher module, and all of them import in one
   process without defining one of their flags (`plumbing.cli.main` defines a launcher's
-  flags when it runs; the benchmarks theirs under `__main__`): checked in a fresh
-  interpreter, so that other tests' imports do not count."""
+  flags when it runs): checked in a fresh interpreter, so that other tests' imports do
+  not count."""
   here = os.path.dirname(experiments.__file__)
   modules = sorted(
     f[:-3]
@@ -215,13 +215,12 @@ def test_every_launcher_is_listed_and_imports_next_to_the_others():
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   defined = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-  options_of_launchers = {"out", "quick", "rounds", "per_device"}  # The benchmarks' own.
+  options_of_launchers = set()
   for name in experiments.LAUNCHERS:
     module = importlib.import_module(f"experiments.{name}")
-    if name not in ("benchmark", "generator_benchmark", "scaling_benchmark"):
-      assert callable(module.run) and isinstance(module.SPEC, dict), name
-      options.make_config(module.SPEC)  # Every launcher's defaults make a config.
-      options_of_launchers |= set(module.SPEC)
+    assert callable(module.run) and isinstance(module.SPEC, dict), name
+    options.make_config(module.SPEC)  # Every launcher's defaults make a config.
+    options_of_launchers |= set(module.SPEC)
   assert not defined & options_of_launchers, sorted(defined & options_of_launchers)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from experiments import generator_benchmark
+from experiments.plumbing import options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_torch = pytest.mark.skipif(
@@ -22,6 +23,14 @@ def test_import_defines_no_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   assert "quick" not in flags.FLAGS and "families" not in flags.FLAGS
+
+
+def test_unknown_family_is_an_error_before_torch_starts(monkeypatch):
+  """`run(config)` checks `--families` first (the command line prints `error: ...`, exit 1)."""
+  monkeypatch.setattr(generator_benchmark, "TorchProcess", None)  # Never reached.
+  config = options.make_config(generator_benchmark.SPEC, families="dcgan,nope", quick=True)
+  with pytest.raises(ValueError, match=r"unknown families \['nope'\]"):
+    generator_benchmark.run(config)
 
 
 @needs_torch

@@ -21,6 +21,8 @@ from experiments.plumbing import distributed
 from experiments.plumbing import options as options_lib
 
 FLAGS = flags.FLAGS
+# The flags `main` defines belong to its caller, the launcher: `--help` lists them.
+flags.disclaim_key_flags()
 _STOP = threading.Event()  # Set by SIGTERM / SIGINT (installed by `main`).
 
 
