@@ -26,6 +26,7 @@ its PSNR. A bad PNG exits 2 with one line, before anything is written.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -204,7 +205,9 @@ def _save_recipes(config, gen, factors, layer, edits, results, out, samples: dic
   identity = recipes.factors_identity(factors, layer, config.factors)
   paths = []
   for t, ((part, j, alpha), result) in enumerate(zip(edits, results)):
-    roir = (result["roir_mean"], result["roir_std"]) if "roir_mean" in result else None
+    roir = (result.get("roir_mean"), result.get("roir_std"))
+    # An edit that changes nothing (alpha 0) has no ROIR (0 / 0): the card records null.
+    roir = roir if all(v is not None and math.isfinite(v) for v in roir) else None
     card = recipes.make_card(
       generator=generator,
       factors=identity,

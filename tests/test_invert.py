@@ -16,6 +16,7 @@ from experiments.plumbing import options
 from experiments.plumbing import real_images
 from panda_jax import generators
 from panda_jax import inversion
+from panda_jax import recipes
 from panda_jax.data import toyfaces
 
 
@@ -257,7 +258,7 @@ def test_edit_of_a_real_image(gen, tmp_path):
       image=str(path),
       factors=factors_dir,
       out=str(out),
-      edit=["1:0:3", f"{tmp_path / 'mask.npy'}:1:4", "0:2:0"],
+      edit=["1:0:3", f"{tmp_path / 'mask.npy'}:1:4", "0:2:0", f"{tmp_path / 'mask.npy'}:1:0"],
       save_recipes=True,
       **settings,
     )
@@ -267,6 +268,7 @@ def test_edit_of_a_real_image(gen, tmp_path):
     "edit_0.png",
     "edit_1.png",
     "edit_2.png",
+    "edit_3.png",
     "edit_all.png",
     "metrics.json",
   } <= set(os.listdir(out))
@@ -279,8 +281,10 @@ def test_edit_of_a_real_image(gen, tmp_path):
     tie_layers=False,
     seed=3,
   )
-  part_edit, mask_edit, null_edit, _ = metrics["edits"]
+  part_edit, mask_edit, null_edit, null_mask_edit, _ = metrics["edits"]
   assert null_edit["mean_squared_change"] == 0.0
+  # A mask edit that changes nothing has no ROIR (0 / 0); its card records null.
+  assert recipes.load(metrics["recipes"][3])["roir"] is None
   assert part_edit["mean_squared_change"] > 0 and "roir_mean" not in part_edit
   # The same program here.
   image = real_images.load_image(str(path), gen)
