@@ -27,4 +27,5 @@ LAUNCHERS = (
   "benchmark",
   "generator_benchmark",
   "scaling_benchmark",
+  "time_to_parts",
 )

@@ -15,6 +15,7 @@ ranking) can be regenerated from its index alone, whatever the batch size.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import jax
@@ -165,16 +166,24 @@ def sample_latents(
   truncation_cutoff: int | None = None,
 ) -> Any:
   """The latents of the samples `indices` (`[b]` ints) of the stream `key`."""
-  indices = jnp.asarray(indices, jnp.int32)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
-  z = jax.vmap(lambda k: jax.random.normal(k, (gen.z_dim,)))(keys)  # [b, z_dim]
-  c = None
-  if gen.c_dim:
-    classes = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, gen.c_dim))(
-      keys
-    )
-    c = jax.nn.one_hot(classes, gen.c_dim)
+  z, c = _latent_draws(key, jnp.asarray(indices, jnp.int32), z_dim=gen.z_dim, c_dim=gen.c_dim)
   return gen.latents(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+
+
+@functools.partial(jax.jit, static_argnames=("z_dim", "c_dim"))
+def _latent_draws(
+  key: jax.Array, indices: jax.Array, *, z_dim: int, c_dim: int
+) -> tuple[jax.Array, jax.Array | None]:
+  """`z` `[b, z_dim]` and one-hot classes `[b, c_dim]` (None without classes) of samples `indices`.
+
+  One compiled program per batch size (eagerly, each random op compiles its own).
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(indices)
+  z = jax.vmap(lambda k: jax.random.normal(k, (z_dim,)))(keys)
+  if not c_dim:
+    return z, None
+  classes = jax.vmap(lambda k: jax.random.randint(jax.random.fold_in(k, 1), (), 0, c_dim))(keys)
+  return z, jax.nn.one_hot(classes, c_dim)
 
 
 def sampled_features(

@@ -40,8 +40,8 @@ def apply_affinity(
 ) -> jax.Array:
   """`W q = sum_i Z_i^T A A^T Z_i q` for `q` `[s, k]`, without forming `W` `[s, s]`."""
   zq = objective.project_parts(z, q)  # [n, c, k]
-  back = jnp.einsum("cr,dr,ndk->nck", appearances, appearances, zq)  # A A^T Z_i q
-  return reduce(jnp.einsum("ncs,nkc->nks", z, jnp.swapaxes(back, 1, 2)).sum(0).T)
+  back = objective.decode(objective.coefficients(zq, appearances), appearances)  # A A^T Z_i q
+  return reduce(objective.positions_product(z, back))
 
 
 def position_embedding(

@@ -30,9 +30,9 @@ def _random(key, n=3, s=20, c=7, rank_c=4, rank_s=5, dtype=jnp.float32):
 
 
 def _chain(z, a, p):
-  """Roundings along the longest chain: in ours `A^T (Z P)` -> `A (.)` -> `A^T (.)` -> `A (.)`
-  -> `(.) G_P` -> `Z^T (.)` and the sum over samples (contractions s, c, r_c, c, r_c, r_s
-  + s, c, n), in the paper's order two [s, s] / [c, c] products more; a few additions."""
+  """Roundings along the longest chain: in ours `A^T (Z P)` -> `G_A (.)` (`G_A = A^T A`) ->
+  `(.) G_P` -> `A (.)` -> `Z^T (.)` and the sum over samples (contractions s, c + c, r_c,
+  r_s, r_c, c, n), in the paper's order two [s, s] / [c, c] products more; a few additions."""
   n, s, c = z.shape
   return n + 4 * s + 5 * c + 2 * a.shape[1] + 2 * p.shape[1] + 8
 
@@ -189,3 +189,80 @@ def test_orthogonality_error():
   assert_within(pj.orthogonality_error(a), expected, gamma(9 + 1) * scale, "orthogonality")
   q = np.linalg.qr(a64)[0]  # Rounded to float32 first: two roundings more per product.
   assert pj.orthogonality_error(q) <= gamma(9 + 3) * (np.max(np.abs(q).T @ np.abs(q)) + 1)
+
+
+def _change_case(key, n=4, c=9, rank_c=3, rank_s=5, size=1e-4):
+  """Coefficients, Grams and small changes of all three (`size` relative): float32."""
+  k = jax.random.split(key, 6)
+  lam = jax.random.normal(k[0], (n, rank_c, rank_s))
+  a = jax.random.normal(k[1], (c, rank_c))
+  p = jax.random.uniform(k[2], (20, rank_s))
+  d_lam = size * jax.random.normal(k[3], lam.shape)
+  d_a = size * jax.random.normal(k[4], a.shape)
+  d_p = size * jax.random.uniform(k[5], p.shape)
+  return lam, d_lam, a, d_a, p, d_p
+
+
+@pytest.mark.parametrize("which", ["parts", "appearances"])
+def test_coefficient_change_is_exact_relative_to_the_change(which):
+  """`coefficient_change` against the float64 difference of the expanded loss
+  `-2 ||Lambda||^2 + <G_A Lambda, Lambda G_P>` at the new and old values (the
+  constant `||Z||^2` cancels). The changes are 1e-4 of the values; `coefficient_change` must be within gamma(K) of its own terms on absolute values
+  (K: the longest chain, an `[r_c, r_c]` or `[r_s, r_s]` product, then a dot of
+  length n r_c r_s, a few additions), far below the loss's own rounding."""
+  lam, d_lam, a, d_a, p, d_p = _change_case(jax.random.PRNGKey(11))
+  gram_a, gram_p = a.T @ a, p.T @ p
+  if which == "parts":
+    kwargs, grams_new = dict(d_gram_p=objective.gram_change(p, d_p)), (a, p + d_p)
+  else:
+    kwargs, grams_new = dict(d_gram_a=objective.gram_change(a, d_a)), (a + d_a, p)
+  ours = objective.coefficient_change(lam, d_lam, gram_a, gram_p, **kwargs)
+
+  def loss64(lam, a, p):
+    lam, a, p = (np.asarray(x, np.float64) for x in (lam, a, p))
+    g_a, g_p = a.T @ a, p.T @ p
+    return -2 * np.sum(lam**2) + sum(np.sum((g_a @ l) * (l @ g_p)) for l in lam)
+
+  lam64 = np.asarray(lam, np.float64) + np.asarray(d_lam, np.float64)
+  exact = loss64(lam64, *grams_new) - loss64(lam, a, p)
+  # Terms of the change on absolute values (`d_gram` by its own absolute formula).
+  absd = lambda x: np.abs(np.asarray(x, np.float64))
+  l_abs, d_abs, new_abs = absd(lam), absd(d_lam), absd(lam) + absd(d_lam)
+  ga_abs, gp_abs = absd(a).T @ absd(a), absd(p).T @ absd(p)
+  dga = 2 * absd(a).T @ absd(d_a) + absd(d_a).T @ absd(d_a) if which != "parts" else 0 * ga_abs
+  dgp = 2 * absd(p).T @ absd(d_p) + absd(d_p).T @ absd(d_p) if which == "parts" else 0 * gp_abs
+  terms = sum(
+    4 * np.sum(li * di)
+    + 2 * np.sum(di**2)
+    + 2 * np.sum((ga_abs @ li) * (di @ gp_abs))
+    + np.sum((ga_abs @ di) * (di @ gp_abs))
+    + np.sum((dga @ ni) * (ni @ gp_abs))
+    + np.sum(((ga_abs + dga) @ ni) * (ni @ dgp))
+    for li, di, ni in zip(l_abs, d_abs, new_abs)
+  )
+  n, rank_c, rank_s = lam.shape
+  g = gamma(2 * (rank_c + rank_s) + n * rank_c * rank_s + 8)
+  bound = g * terms
+  # A float32 difference of two expanded losses is only good to gamma(K) of the loss's
+  # own terms: this bound is 100x tighter, so the test would catch one.
+  loss_terms = sum(2 * np.sum(li**2) + np.sum((ga_abs @ li) * (li @ gp_abs)) for li in l_abs)
+  assert bound < 0.01 * g * loss_terms
+  assert_within(ours, exact, bound, "coefficient_change")
+
+
+def test_positions_product_and_gram_change_against_numpy():
+  """`sum_i Z_i^T B_i` and `(F + D)^T (F + D) - F^T F` against float64 NumPy: sums of
+  products of length n c (a sum over c, then over n) and 2 c + 1."""
+  k = jax.random.split(jax.random.PRNGKey(12), 4)
+  z = jax.random.normal(k[0], (3, 7, 10))
+  b = jax.random.normal(k[1], (3, 7, 4))
+  z64, b64 = np.asarray(z, np.float64), np.asarray(b, np.float64)
+  expected = sum(zi.T @ bi for zi, bi in zip(z64, b64))
+  scale = sum(np.abs(zi).T @ np.abs(bi) for zi, bi in zip(z64, b64))
+  assert_within(objective.positions_product(z, b), expected, gamma(7 + 3) * scale, "Z^T B")
+  f = jax.random.normal(k[2], (7, 3))
+  d = jax.random.normal(k[3], (7, 3))
+  f64, d64 = np.asarray(f, np.float64), np.asarray(d, np.float64)
+  expected = (f64 + d64).T @ (f64 + d64) - f64.T @ f64
+  scale = 2 * np.abs(f64).T @ np.abs(d64) + np.abs(d64).T @ np.abs(d64)
+  assert_within(objective.gram_change(f, d), expected, gamma(2 * 7 + 2) * scale, "gram change")
