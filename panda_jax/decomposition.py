@@ -312,7 +312,7 @@ def _appearances_block(
   """The A block (Eq. 5) at `zp = Z P` (no pass over Z): `(state, BlockStep)`.
 
   A trial `A+` costs one `(A+ - A)^T M` product and `[r_c, r_s]`-sized work per
-  sample (`objective.coefficient_change` with the change of `G_A`).
+  sample with the change of `G_A` (`objective.appearances_change`).
   """
   reduce = functools.partial(objective.sum_samples, axis_name=axis_name)
   appearances, parts = state.appearances, state.parts
@@ -320,13 +320,8 @@ def _appearances_block(
   lam = objective.coefficients(zp, appearances)
 
   def change_to(new_appearances: jax.Array) -> tuple[jax.Array, tuple[()]]:
-    delta = new_appearances - appearances
-    change = objective.coefficient_change(
-      lam,
-      objective.coefficients(zp, delta),  # (A+ - A)^T M.
-      gram_a,
-      gram_p,
-      d_gram_a=objective.gram_change(appearances, delta),
+    change = objective.appearances_change(
+      zp, lam, appearances, new_appearances - appearances, gram_a, gram_p
     )
     return reduce(change), ()
 

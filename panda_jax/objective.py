@@ -19,8 +19,9 @@ coefficients `Lambda_i = A^T M_i` (`[r_c, r_s]`), with the Grams `G_A = A^T A`
 Once `M_i` is known, the loss, every exact loss change (`coefficient_change`)
 and the whole A block cost one `[n, c, r_s] x [c, r_c]` product per trial and
 O(n r_c r_s (r_c + r_s)) work on coefficients: no `[n, c, r_s]` array beyond
-`M` (and `A K_i` for dP) is formed, and the `[r_c, r_c]` Gram `G_A` (c r_c^2) is
-formed once per block and once per trial of A. FLOPs per sample (multiply-adds
+`M` (and `A K_i` for dP) is formed. The `[r_c, r_c]` Gram `G_A` (c r_c^2) is
+formed once per block; a trial of A needs the change of `G_A` (2 c r_c^2) or,
+when that is dearer (`r_c > n r_s`), two decodings (`appearances_change`). FLOPs per sample (multiply-adds
 x 2), dominant terms:
 
     ============================  ===========================  =================
@@ -210,6 +211,34 @@ def coefficient_change(
   if d_gram_p is not None:
     change = change + jnp.vdot(_gram_weighted(gram_a, new), new @ d_gram_p)
   return change
+
+
+def appearances_change(
+  zp: jax.Array,
+  lam: jax.Array,
+  appearances: jax.Array,
+  delta: jax.Array,
+  gram_a: jax.Array,
+  gram_p: jax.Array,
+) -> jax.Array:
+  """Exact change of Eq. (3) when `A -> A + delta` at fixed parts (the A block's trial).
+
+  `zp` `[n, c, r_s]`, `lam = A^T zp`, `delta` `[c, r_c]`. The term of the Gram's
+  change, `<dG_A Lambda', Lambda' G_P>`, is formed the cheaper way: with `dG_A`
+  (`gram_change`, 2 c r_c^2) when `r_c <= n r_s`, else through the decodings
+  `A Lambda'_i` and `delta Lambda'_i` (2 n c r_c r_s each; e.g. n 8, r_c 512).
+  """
+  d_lam = coefficients(zp, delta)  # (A+ - A)^T M.
+  n, rank_c, rank_s = lam.shape
+  if rank_c <= n * rank_s:
+    return coefficient_change(lam, d_lam, gram_a, gram_p, d_gram_a=gram_change(appearances, delta))
+  new = lam + d_lam
+  old_basis, moved = decode(new, appearances), decode(new, delta)
+  return (
+    coefficient_change(lam, d_lam, gram_a, gram_p)
+    + 2.0 * jnp.vdot(old_basis, moved @ gram_p)
+    + jnp.vdot(moved, moved @ gram_p)
+  )
 
 
 def gram_change(factor: jax.Array, delta: jax.Array) -> jax.Array:

@@ -266,3 +266,31 @@ def test_positions_product_and_gram_change_against_numpy():
   expected = (f64 + d64).T @ (f64 + d64) - f64.T @ f64
   scale = 2 * np.abs(f64).T @ np.abs(d64) + np.abs(d64).T @ np.abs(d64)
   assert_within(objective.gram_change(f, d), expected, gamma(2 * 7 + 2) * scale, "gram change")
+
+
+@pytest.mark.parametrize("n,rank_c,rank_s", [(6, 4, 3), (2, 9, 3)])
+def test_appearances_change_either_order_is_the_exact_change(n, rank_c, rank_s):
+  """The A block's trial change, with `dG_A` formed (r_c <= n r_s) or through the
+  decodings (r_c > n r_s), against the float64 expanded loss at `A + delta` minus at
+  `A` (`M` fixed). Float64 throughout: both sides are within a few u64 of the loss's
+  terms on absolute values (chains of length c + r_c + r_s + n r_c r_s)."""
+  with jax.enable_x64(True):
+    k = jax.random.split(jax.random.PRNGKey(13), 3)
+    c = 9
+    zp = jax.random.normal(k[0], (n, c, rank_s), jnp.float64)
+    a = jax.random.normal(k[1], (c, rank_c), jnp.float64)
+    delta = 1e-3 * jax.random.normal(k[2], a.shape, jnp.float64)
+    p_gram = jnp.eye(rank_s, dtype=jnp.float64) + 0.1
+    ours = objective.appearances_change(
+      zp, objective.coefficients(zp, a), a, delta, a.T @ a, p_gram
+    )
+    expanded = lambda a: objective.loss_from_coefficients(
+      0.0, objective.coefficients(zp, a), a.T @ a, p_gram
+    )
+    a_abs = jnp.abs(a) + jnp.abs(delta)
+    lam_abs = objective.coefficients(jnp.abs(zp), a_abs)
+    scale = 2 * jnp.vdot(lam_abs, lam_abs) + jnp.vdot(
+      (a_abs.T @ a_abs) @ lam_abs, lam_abs @ jnp.abs(p_gram)
+    )
+    bound = 4 * gamma(c + 2 * rank_c + 2 * rank_s + n * rank_c * rank_s + 8, U64) * scale
+    assert_within(ours, expanded(a + delta) - expanded(a), bound, "appearances change")
