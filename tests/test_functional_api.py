@@ -164,8 +164,8 @@ _SCRIPT = textwrap.dedent("""
       state = pj.init(batch, 6, 4, key=jax.random.PRNGKey(4), parts=parts0,
                       axis_name=axis_name)
       out = {"init": state}
-      for _ in range(3):
-        state, metrics = pj.update(state, batch, axis_name=axis_name)
+      # One update (traced once; `run_steps` below repeats the iteration in a scan).
+      state, metrics = pj.update(state, batch, axis_name=axis_name)
       out["update"] = (state, metrics["loss"])
       state, parts_out = pj.parts_step(state, batch, axis_name=axis_name)
       state, appearances_out = pj.appearances_step(state, None, axis_name=axis_name,
